@@ -10,14 +10,17 @@ from torch import nn
 
 from .pblora import PBLoRAConfig, PBLoRALinear
 
-REWARD_HEAD_KINDS = ("pblora", "full_rank", "lora")
+REWARD_HEAD_KINDS = ("pblora", "hidden", "full_rank", "lora")
 
 
 class RewardHead(nn.Module):
     """z_RM over the frozen LM head: ``lm_head(h) + ΔW(w) h`` with a PBLoRA ΔW (never a copy of ``lm_head``).
 
     Kinds:
-        ``pblora``: PBLoRA update over the frozen LM head (the default).
+        ``pblora``: PBLoRA update over the frozen LM head: ``lm_head(h) + s·B·W(w)·A·h`` with ``B`` of shape ``V × r``.
+        ``hidden``: PBLoRA update of the hidden state, read out by the frozen LM head: ``lm_head(h + s·B·W(w)·A·h)``
+            with ``B`` of shape ``d × r``. Tokens with similar embeddings move together, so what the head
+            learns on one token transfers to its neighbours (costs one more vocabulary projection per token).
         ``full_rank``: a trainable ``V × d`` head initialised from the LM head, plus a PBLoRA update
             (the Dual-Head paper's large-head setting; costs a second vocabulary projection per token).
         ``lora``: a preference-unaware low-rank update (ablation): the same layer fed a constant preference.
@@ -31,7 +34,15 @@ class RewardHead(nn.Module):
             raise ValueError("the backbone's LM head has a bias; only reward head kind 'full_rank' supports it")
         self.kind = kind
         self.preference_aware = kind != "lora"
-        if kind == "full_rank":
+        self.lm_head = None
+        if kind == "hidden":
+            # theta_0 = 0 over the hidden state: the head starts as the LM head and only the adapter trains.
+            base = nn.Linear(lm_head.in_features, lm_head.in_features, bias=False)
+            base.to(device=lm_head.weight.device, dtype=torch.float32)
+            nn.init.zeros_(base.weight)
+            freeze_base = True
+            self.lm_head = [lm_head]  # shared with the backbone; a list keeps it out of this module's parameters
+        elif kind == "full_rank":
             base = nn.Linear(lm_head.in_features, lm_head.out_features, bias=lm_head.bias is not None)
             base.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
             base.load_state_dict(lm_head.state_dict())
@@ -53,6 +64,10 @@ class RewardHead(nn.Module):
         preference = self._adapter_preference(preference)
         if self.kind == "full_rank":
             return self.adapter(hidden, preference)  # (B, T, V)
+        if self.kind == "hidden":
+            lm_head = self.lm_head[0]
+            shift = self.adapter.adapter_output(hidden, preference)  # (B, T, d)
+            return lm_logits + lm_head(shift.to(lm_head.weight.dtype)).to(lm_logits.dtype)  # (B, T, V)
         return lm_logits + self.adapter.adapter_output(hidden, preference).to(lm_logits.dtype)  # (B, T, V)
 
 

@@ -24,6 +24,7 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "d
 CONFIG_NAME = "dualhead_config.json"
 WEIGHTS_NAME = "dualhead_model.safetensors"
 FUSION_MODES = ("gate", "genarm")
+REWARD_BASELINES = ("backbone", "none")
 
 
 @dataclass
@@ -34,6 +35,13 @@ class DualHeadConfig:
     objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES), metadata={"help": "objective names, in preference order"})
     reward_head: str = field(default="pblora", metadata={"help": f"one of {REWARD_HEAD_KINDS}"})
     reward_adapter: PBLoRAConfig = field(default_factory=lambda: PBLoRAConfig(r1=4, r2=8, lora_alpha=16.0))
+    reward_baseline: str = field(
+        default="backbone",
+        metadata={
+            "help": f"one of {REWARD_BASELINES}: 'backbone' measures R = sum_t [log pi_r - log pi_LM] (the head's change to "
+            "the frozen LM, DPO's implicit reward); 'none' is GenARM's literal R = sum_t log pi_r"
+        },
+    )
     gate_size: int = field(default=256, metadata={"help": "width of the gate's attention"})
     gate_heads: int = field(default=4, metadata={"help": "attention heads in the gate (1: single-head ablation)"})
     gate_adapter: PBLoRAConfig = field(default_factory=lambda: PBLoRAConfig(r1=2, r2=4, lora_alpha=8.0))
@@ -55,6 +63,8 @@ class DualHeadConfig:
             raise ValueError(f"objectives must be distinct names, got {self.objectives!r}")
         if self.reward_head not in REWARD_HEAD_KINDS:
             raise ValueError(f"reward_head must be one of {REWARD_HEAD_KINDS}, got {self.reward_head!r}")
+        if self.reward_baseline not in REWARD_BASELINES:
+            raise ValueError(f"reward_baseline must be one of {REWARD_BASELINES}, got {self.reward_baseline!r}")
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
         if self.gate_heads < 1 or self.gate_size < 1 or self.gate_size % self.gate_heads:

@@ -38,7 +38,7 @@ class PairBatch:
 class ResponseScores:
     """What the heads say about every response token of a :class:`PairBatch`."""
 
-    rewards: torch.Tensor  # (2B,) R = sum_t log pi_r(y_t | x, y_<t) over the response
+    rewards: torch.Tensor  # (2B,) R = sum_t log pi_r(y_t | x, y_<t) [- log pi_LM(y_t | ...)] over the response
     fused_logprobs: torch.Tensor | None  # (N,) log softmax(fused logits) at each response token
     rows: torch.Tensor  # (N,) which sequence each response token belongs to
     gate: torch.Tensor | None  # (2B, T - 1) alpha_t at the positions that predict tokens 1..T-1
@@ -66,6 +66,9 @@ def score_pairs(
     reward_logits = model.reward_head(selected.float()[:, None], lm_logits[:, None], preference[rows])[:, 0]  # (N, V)
     targets = labels[rows, cols]  # (N,)
     reward_token_logprobs = label_logprobs(reward_logits, targets)  # (N,)
+    if model.config.reward_baseline == "backbone":
+        with torch.no_grad():
+            reward_token_logprobs = reward_token_logprobs - label_logprobs(lm_logits, targets)  # (N,) the head's change
     rewards = reward_token_logprobs.new_zeros(batch.input_ids.shape[0]).index_add(0, rows, reward_token_logprobs)  # (2B,)
     if not fused:
         return ResponseScores(rewards, None, rows, None, mask)

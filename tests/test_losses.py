@@ -201,3 +201,27 @@ def test_sample_preference_concentration():
         sample_preference(2, generator, concentration=0.0)
     with pytest.raises(ValueError, match="num_objectives must be a positive int, got 0"):
         sample_preference(0, generator)
+
+
+def test_reward_baseline_measures_the_heads_change_to_the_lm(make_model, tokenizer):
+    """'backbone' rewards are literal rewards minus the frozen LM's own log-likelihood of the response."""
+    from paretoalign.losses import sequence_logprobs
+    from paretoalign.objective import PairBatch, score_pairs
+
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(["Hi there friend", "Hi you"], return_tensors="pt", padding=True)
+    input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+    response_mask = attention_mask.clone()
+    response_mask[:, :-2] = 0  # the last two tokens of each row are the response
+    preference = torch.tensor([[0.2, 0.8]] * 2)
+    rewards = {}
+    for baseline in ("none", "backbone"):
+        model = make_model(reward_baseline=baseline)
+        batch = PairBatch(model.backbone_hidden(input_ids, attention_mask), input_ids, attention_mask, response_mask)
+        rewards[baseline] = score_pairs(model, batch, preference, fused=False).rewards
+    out = model(input_ids, attention_mask, preference)
+    literal = sequence_logprobs(out.reward_logits, input_ids, response_mask)
+    lm = sequence_logprobs(out.lm_logits, input_ids, response_mask)
+    assert torch.allclose(rewards["none"], literal, atol=1e-4)
+    assert torch.allclose(rewards["backbone"], literal - lm, atol=1e-4)
+    assert not torch.allclose(rewards["backbone"], rewards["none"])

@@ -121,7 +121,7 @@ def test_fixed_gate_and_single_head_ablations(make_model, tokenizer):
     assert single(input_ids, mask, torch.tensor([0.5, 0.5])).gate.shape == input_ids.shape
 
 
-@pytest.mark.parametrize("kind", ["full_rank", "lora"])
+@pytest.mark.parametrize("kind", ["hidden", "full_rank", "lora"])
 def test_reward_head_kinds(make_model, tokenizer, kind):
     model = make_model(reward_head=kind)
     input_ids, mask = encode(tokenizer, ["Hello there"])
@@ -134,6 +134,20 @@ def test_reward_head_kinds(make_model, tokenizer, kind):
         assert trainable["reward_head.adapter.base_layer.weight"].shape == lm_head.shape
     else:
         assert all(t.shape != lm_head.shape for t in trainable.values())
+
+
+def test_hidden_reward_head_is_the_lm_head_over_a_shifted_hidden_state(make_model, tokenizer):
+    model = make_model(reward_head="hidden")
+    input_ids, mask = encode(tokenizer, ["Hello there"])
+    preference = torch.tensor([0.3, 0.7])
+    out = model(input_ids, mask, preference)
+    hidden = model.backbone_hidden(input_ids, mask).float()  # (1, T, d)
+    adapter = model.reward_head.adapter
+    shift = hidden @ adapter.get_delta_weight(preference).T  # (1, T, d)
+    expected = model.backbone.get_output_embeddings()(hidden + shift)  # (1, T, V)
+    assert torch.allclose(out.reward_logits, expected, atol=1e-4)
+    assert "reward_head.adapter.base_layer.weight" not in model.trainable_state_dict()
+    assert model.trainable_state_dict()["reward_head.adapter.lora_B"].shape[0] == hidden.shape[-1]
 
 
 def test_save_load_round_trip(make_model, tokenizer, backbone, tmp_path):
