@@ -50,7 +50,12 @@ class ResponseScores:
 
 
 def score_pairs(
-    model: DualHeadModel, batch: PairBatch, preference: torch.Tensor, strength: float = 1.0, fused: bool = True
+    model: DualHeadModel,
+    batch: PairBatch,
+    preference: torch.Tensor,
+    strength: float = 1.0,
+    fused: bool = True,
+    reward_grad_from_fusion: bool = True,
 ) -> ResponseScores:
     """Run the reward head (and, with ``fused``, the gate and the fusion) over cached hidden states.
 
@@ -58,6 +63,8 @@ def score_pairs(
         preference: ``(2B, k)``, one preference per sequence.
         strength: fusion strength for the fused log-probs (gate fusion, as the Dual-Head is trained).
         fused: also compute the gate and the fused log-probs; measuring rewards alone does not need them.
+        reward_grad_from_fusion: let gradients of the fused log-probs reach the reward head; ``False`` detaches
+            the reward logits inside the fusion, so a loss on the fused log-probs trains the gate only.
     """
     labels, mask = next_token_targets(batch.input_ids, batch.response_mask)  # (2B, T-1), (2B, T-1)
     rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,): logits at position t predict token t + 1
@@ -68,12 +75,14 @@ def score_pairs(
     reward_token_logprobs = label_logprobs(reward_logits, targets)  # (N,)
     if model.config.reward_baseline == "backbone":
         with torch.no_grad():
-            reward_token_logprobs = reward_token_logprobs - label_logprobs(lm_logits, targets)  # (N,) the head's change
+            lm_token_logprobs = label_logprobs(lm_logits, targets)  # (N,) the frozen LM's own, a constant
+        reward_token_logprobs = reward_token_logprobs - lm_token_logprobs  # (N,) the head's change
     rewards = reward_token_logprobs.new_zeros(batch.input_ids.shape[0]).index_add(0, rows, reward_token_logprobs)  # (2B,)
     if not fused:
         return ResponseScores(rewards, None, rows, None, mask)
     alpha, _ = model.context_gate(batch.hidden.float(), batch.attention_mask, preference)  # (2B, T)
-    fused_logits = fuse_logits(lm_logits, reward_logits, alpha[rows, cols], "gate", strength)  # (N, V)
+    fusion_reward = reward_logits if reward_grad_from_fusion else reward_logits.detach()  # (N, V)
+    fused_logits = fuse_logits(lm_logits, fusion_reward, alpha[rows, cols], "gate", strength)  # (N, V)
     return ResponseScores(rewards, label_logprobs(fused_logits, targets), rows, alpha[:, :-1], mask)
 
 

@@ -64,6 +64,13 @@ class TrainConfig:
     beta_r: float = field(default=0.1, metadata={"help": "Bradley-Terry scale on R(chosen) - R(rejected)"})
     lambda_r: float = field(default=1.0, metadata={"help": "weight of the preference losses"})
     lambda_g: float = field(default=0.01, metadata={"help": "weight of the gate entropy regulariser"})
+    lm_loss_trains_reward_head: bool = field(
+        default=False,
+        metadata={
+            "help": "let the LM loss on the fused logits train the reward head too (the Dual-Head paper); off, it trains "
+            "the gate only and the reward head learns from preferences alone, so its log-probs stay a reward"
+        },
+    )
     dirichlet_concentration: float = field(default=1.0, metadata={"help": "w ~ Dirichlet(c); 1 is uniform"})
     checkpoint_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
     eval_every: int = field(default=100, metadata={"help": "steps between validation passes"})
@@ -221,7 +228,9 @@ def training_loss(model: DualHeadModel, batches: list[PairBatch], preference: to
     """The total loss for one step and its parts: one heads pass over every objective's pairs."""
     joined = PairBatch(*(_pad_cat([getattr(b, name) for b in batches]) for name in ("hidden", "input_ids", "attention_mask", "response_mask")))
     rows = joined.input_ids.shape[0]
-    scores = score_pairs(model, joined, preference.to(joined.hidden.device).expand(rows, -1))  # rows: [c_1, r_1, c_2, r_2, ...]
+    scores = score_pairs(
+        model, joined, preference.to(joined.hidden.device).expand(rows, -1), reward_grad_from_fusion=config.lm_loss_trains_reward_head
+    )  # rows: [c_1, r_1, c_2, r_2, ...]
     pref_losses, stats, start = [], {}, 0
     chosen_rows = torch.zeros(rows, dtype=torch.bool, device=joined.hidden.device)  # (rows,)
     for name, batch in zip(config.objectives, batches):

@@ -225,3 +225,19 @@ def test_reward_baseline_measures_the_heads_change_to_the_lm(make_model, tokeniz
     assert torch.allclose(rewards["none"], literal, atol=1e-4)
     assert torch.allclose(rewards["backbone"], literal - lm, atol=1e-4)
     assert not torch.allclose(rewards["backbone"], rewards["none"])
+    assert rewards["backbone"].requires_grad  # the frozen LM's part is a constant; the head's part still trains
+
+
+@pytest.mark.parametrize("through", [True, False])
+def test_fusion_gradient_reaches_the_reward_head_only_when_asked(make_model, tokenizer, through):
+    from paretoalign.objective import PairBatch, score_pairs
+
+    model = make_model()
+    encoded = tokenizer(["Hi there friend", "Hi you all"], return_tensors="pt", padding=True)
+    input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+    batch = PairBatch(model.backbone_hidden(input_ids, attention_mask), input_ids, attention_mask, attention_mask.clone())
+    scores = score_pairs(model, batch, torch.tensor([[0.5, 0.5]] * 2), reward_grad_from_fusion=through)
+    scores.fused_logprobs.sum().backward()
+    reward_grad = model.reward_head.adapter.lora_B.grad
+    assert (reward_grad is not None and reward_grad.abs().sum() > 0) == through
+    assert model.context_gate.score.weight.grad.abs().sum() > 0  # the gate always learns from the LM loss
