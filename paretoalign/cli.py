@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference
 
@@ -171,6 +172,166 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep(subparsers) -> None:
+    parser = subparsers.add_parser("sweep", help="generate and score every method over a preference grid (resumable)")
+    parser.add_argument("--prompts", required=True, help="prompts .jsonl/.json(.gz) ({'prompt': ...} or HH-RLHF pairs), a text file "
+                        "(one prompt a line), or split:test[:objective] for the vendored held-out prompts")
+    parser.add_argument("--methods", default="dualhead,base", help="comma-separated registered methods (paretoalign.methods)")
+    parser.add_argument("--grid", type=int, default=11, help="preference points per simplex edge (11: 0, 0.1, ..., 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="sweep directory: sweep.json, results.jsonl, methods.jsonl")
+    parser.add_argument("--checkpoint", default=None, help="Dual-Head checkpoint directory (default: the shipped one)")
+    parser.add_argument("--backbone", default=None, help="backbone id or path, when not loading it from a checkpoint")
+    parser.add_argument("--scorer", default=None, help="reward scorer spec (default: the shipped offline scorer)")
+    parser.add_argument("--strength", type=float, default=None, help="steering strength (default: each method's own)")
+    parser.add_argument("--fusion", default=None, choices=["gate", "genarm"], help="Dual-Head fusion (default: the checkpoint's)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--limit", type=int, default=None, help="sweep only the first N prompts")
+    parser.add_argument("--batch-size", type=int, default=16, help="rows (prompt x preference) generated together")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=run_sweep_command)
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from .evaluation.sweep import SweepConfig, run_sweep
+
+    config = SweepConfig(
+        prompts=args.prompts, out=args.out, methods=args.methods, grid=args.grid, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, strength=args.strength, fusion=args.fusion,
+        checkpoint=args.checkpoint, backbone=args.backbone, scorer=args.scorer, limit=args.limit, batch_size=args.batch_size,
+        device=args.device,
+    )
+    result = run_sweep(config, progress=not args.no_progress)
+    print(f"{result['written']} rows written, {result['skipped']} already done, {result['total']} in the sweep: {result['directory']}")
+    return 0
+
+
+def _add_report(subparsers) -> None:
+    parser = subparsers.add_parser("report", help="HV, MIP, speed and a Pareto-front figure from a sweep directory")
+    parser.add_argument("--results", required=True, help="the sweep directory (written by paretoalign sweep)")
+    parser.add_argument("--out", default=None, help="where to write report.md, pareto_front.html/png, summary.json (default: --results)")
+    parser.add_argument("--no-png", action="store_true", help="skip the static PNG export")
+    parser.add_argument("--json", action="store_true", help="print {methods: {name: {hv, mip, tokens_per_s, ...}}, ...} as JSON")
+    parser.set_defaults(handler=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from .evaluation.report import json_summary, write_report
+
+    summary = write_report(args.results, args.out, png=not args.no_png)
+    if args.json:
+        print(json.dumps(json_summary(summary), ensure_ascii=False))
+        return 0
+    for name, method in summary["methods"].items():
+        hv, mip = (f"{v:.4f}" if v is not None else "n/a" for v in (method["hv"], method["mip"]))
+        print(f"{name}: HV {hv}, MIP {mip}, {method['n_points']} points, {method['n_prompts']} prompts")
+    written = [name for name in summary["files"].values() if name]
+    print(f"wrote {', '.join(written)} to {args.out or args.results}")
+    return 0
+
+
+def _add_train_scorer(subparsers) -> None:
+    parser = subparsers.add_parser("train-scorer", help="train the offline MiniLM reward scorer (reproduces checkpoints/reward-minilm)")
+    parser.add_argument("--out", default=None, help="checkpoint directory to write (default: checkpoints/reward-minilm)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the heads' initialisation and minibatch order")
+    parser.add_argument("--epochs", type=int, default=None, help="passes over the training pairs (default: 60)")
+    parser.add_argument("--embedding-cache", default=None, help="where encoder embeddings are cached (default: the user cache)")
+    parser.add_argument("--device", default="cpu", help="where the encoder and heads run")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=run_train_scorer)
+
+
+def run_train_scorer(args: argparse.Namespace) -> int:
+    from .evaluation.scorer_training import ScorerTrainConfig, train_scorer
+
+    overrides = {"output_dir": args.out, "epochs": args.epochs, "embedding_cache": args.embedding_cache}
+    config = ScorerTrainConfig(seed=args.seed, device=args.device, **{key: value for key, value in overrides.items() if value is not None})
+    summary = train_scorer(config, progress=not args.no_progress)
+    for objective, result in summary["results"].items():
+        test, validation = result["test"], result["validation"]
+        print(f"{objective}: test accuracy {test['accuracy']:.4f} (n={test['n']}), validation {validation['accuracy']:.4f} (n={validation['n']})")
+    print(f"saved the scorer to {config.output_dir} in {summary['wall_seconds']:.0f} s")
+    return 0
+
+
+def _add_train_arm(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train-arm", help="train a reference method's weights: GenARM's ARMs, PARM's ARM, the unconditioned Dual-Head (resumable)"
+    )
+    parser.add_argument("--method", required=True, choices=["genarm", "parm", "dualhead-unconditioned"])
+    parser.add_argument("--out", default=None, help="checkpoint directory (default: checkpoints/genarm-<objective>, "
+                        "checkpoints/parm, checkpoints/dualhead-unconditioned); for several GenARM objectives a path holding {objective}")
+    parser.add_argument("--objective", default=None, help="genarm: the objective(s) whose ARM to train, comma-separated (default: all)")
+    parser.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES), help="every objective, in preference order")
+    parser.add_argument("--layers", type=int, default=None, help="genarm/parm: adapted blocks at the top of the backbone (default 4)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-pairs", type=int, default=None, help="pairs per objective per step")
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--max-train-pairs", type=int, default=None, help="pairs per objective used for training")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--backbone", default=None)
+    parser.add_argument("--data-dir", default=None, help="preference data folder (default: the vendored data/)")
+    parser.add_argument("--feature-cache", default=None, help="where backbone features are cached")
+    parser.add_argument("--include-pku", action="store_true", default=None, help="add PKU-SafeRLHF pairs (CC BY-NC 4.0)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=run_train_arm)
+
+
+def run_train_arm(args: argparse.Namespace) -> int:
+    from .backbone import load_backbone
+    from .baselines.arm import default_checkpoint
+
+    objectives = list(parse_objectives(args.objectives))
+    common = {
+        "backbone": args.backbone, "steps": args.steps, "batch_pairs": args.batch_pairs, "learning_rate": args.learning_rate,
+        "max_train_pairs": args.max_train_pairs, "seed": args.seed, "data_dir": args.data_dir,
+        "feature_cache": args.feature_cache, "include_pku": args.include_pku,
+    }
+    common = {key: value for key, value in common.items() if value is not None}
+    if args.method == "dualhead-unconditioned":
+        from .baselines.unconditioned import train_unconditioned
+        from .train import DEFAULT_TRAIN_CONFIG, TrainConfig
+
+        if args.layers is not None or args.objective is not None:
+            raise ValueError("--layers and --objective apply to genarm and parm only")
+        out = Path(args.out) if args.out else default_checkpoint(args.method)
+        # The Dual-Head's own training settings, with the preference-unaware reward head; the run lives in out/run.
+        overrides = {"output_dir": str(out / "run"), "objectives": objectives, "model": {"reward_head": "lora"}, **common}
+        config = TrainConfig.from_json(DEFAULT_TRAIN_CONFIG, **overrides)
+        train_unconditioned(config, out, progress=not args.no_progress)
+        print(f"saved the unconditioned Dual-Head heads to {out}")
+        return 0
+
+    from .baselines.arm_training import ARMTrainConfig, train_arm
+
+    if args.layers is not None:
+        common["layers"] = args.layers
+    if args.method == "parm":
+        if args.objective is not None:
+            raise ValueError("--objective applies to genarm only: PARM's one ARM learns every objective")
+        runs = [ARMTrainConfig(method="parm", output_dir=args.out, objectives=objectives, **common)]
+    else:
+        chosen = list(parse_objectives(args.objective)) if args.objective else objectives
+        if args.out and len(chosen) > 1 and "{objective}" not in args.out:
+            raise ValueError(f"--out {args.out!r} must hold '{{objective}}' to train the ARMs of several objectives {chosen}")
+        runs = [
+            ARMTrainConfig(
+                method="genarm", objective=name, objectives=objectives, **common,
+                output_dir=args.out.replace("{objective}", name) if args.out else None,
+            )
+            for name in chosen
+        ]
+    backbone, tokenizer = load_backbone(runs[0].backbone)  # once for every ARM
+    for config in runs:
+        _, arm_config = train_arm(config, backbone, tokenizer, progress=not args.no_progress)
+        accuracy = ", ".join(f"{key} {value:.3f}" for key, value in arm_config.training.items() if key.startswith("val/"))
+        print(f"saved the {config.method} ARM to {config.output_dir} ({accuracy})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paretoalign", description="Multi-objective test-time alignment with a preference-aware Dual-Head.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_arm_accuracy(subparsers)
     _add_export(subparsers)
+    _add_train_scorer(subparsers)
+    _add_sweep(subparsers)
+    _add_report(subparsers)
+    _add_train_arm(subparsers)
     return parser
 
 

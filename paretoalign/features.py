@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .files import atomic_write
-from .model import DualHeadModel
+from .model import DualHeadModel, position_ids_from_mask
 
 FORMAT_VERSION = 1
 
@@ -41,6 +41,17 @@ def sequences_key(model: DualHeadModel, sequences: Sequence[Sequence[int]], extr
         digest.update(np.asarray(sequence, dtype=np.int32).tobytes())
         digest.update(b"|")
     return digest.hexdigest()[:20]
+
+
+def block_input(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """The residual stream entering block ``layer`` of ``backbone``: ``(B, T)`` ids -> ``(B, T, d)``."""
+    positions = position_ids_from_mask(attention_mask)  # (B, T)
+    out = backbone.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, output_hidden_states=True
+    )
+    # hidden_states[0] is the embedding output and hidden_states[i] the output of block i - 1; the last entry is
+    # the final (normed) state, which is why ``layer`` stays below the number of blocks.
+    return out.hidden_states[layer]
 
 
 @dataclass
@@ -100,14 +111,20 @@ def build_feature_cache(
     root: str | os.PathLike,
     max_batch_tokens: int = 4096,
     progress: bool = True,
+    layer: int | None = None,
 ) -> FeatureCache:
     """Run the frozen backbone once over ``sequences`` and cache its final hidden states under ``root``.
 
+    With ``layer`` the cache holds the input of block ``layer`` instead (the residual stream after the
+    first ``layer`` blocks, before any final norm), for training adapters on the blocks above it.
     Reuses a complete cache with the same key; resumes an interrupted build.
     """
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("sequences must be a non-empty list of non-empty token id lists")
-    directory = Path(root) / sequences_key(model, sequences)
+    blocks = model.backbone.config.num_hidden_layers
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < blocks):
+        raise ValueError(f"layer must be an integer in [0, {blocks}) for a {blocks}-block backbone, got {layer!r}")
+    directory = Path(root) / sequences_key(model, sequences, None if layer is None else {"layer": layer})
     meta_path = directory / "meta.json"
     meta = _read_json(meta_path)
     if meta and meta.get("complete"):
@@ -139,7 +156,10 @@ def build_feature_cache(
         for i, row in enumerate(rows):  # left padding, like generation
             input_ids[i, longest - lengths[row] :] = torch.as_tensor(sequences[row], dtype=torch.long)
             attention_mask[i, longest - lengths[row] :] = 1
-        hidden = model.backbone_hidden(input_ids.to(model.device), attention_mask.to(model.device))  # (b, L, d)
+        if layer is None:
+            hidden = model.backbone_hidden(input_ids.to(model.device), attention_mask.to(model.device))  # (b, L, d)
+        else:
+            hidden = block_input(model.backbone, input_ids.to(model.device), attention_mask.to(model.device), layer)  # (b, L, d)
         hidden = hidden.float().cpu().numpy().astype(np.float16)
         for i, row in enumerate(rows):
             hidden_store[offsets[row] : offsets[row + 1]] = hidden[i, longest - lengths[row] :]

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny randomly initialised Llama backbones (fast, CPU, offline)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +24,7 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 1, scale: float = 0.5
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if name.endswith("lora_B"):
+            if name.endswith("lora_B") or ".lora_B." in name:  # ours, and peft's "lora_B.default.weight"
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
@@ -39,3 +40,57 @@ def make_model(backbone, tokenizer):
         return model.eval()
 
     return factory
+
+
+class MarkerScorer:
+    """A deterministic reward scorer: each objective's reward is how often its marker string occurs in the reply.
+
+    A real scorer (the input ARGS is guided by), not a stand-in for one; it records the prompts it was shown.
+    """
+
+    def __init__(self, markers: dict[str, str] | None = None, objectives=("helpfulness", "harmlessness")):
+        self.objectives = tuple(objectives)
+        self.markers = dict(markers or {"helpfulness": "e", "harmlessness": "a"})
+        self.prompts: list = []
+
+    def score(self, prompts, responses, batch_size=32):
+        self.prompts.extend(prompts)
+        markers = [self.markers.get(name) for name in self.objectives]  # None: the objective earns nothing
+        counts = [[response.count(marker) if marker else 0 for marker in markers] for response in responses]
+        return np.asarray(counts, dtype=np.float64).reshape(len(responses), len(self.objectives))
+
+    def describe(self):
+        return {"kind": "markers", "objectives": list(self.objectives), "markers": self.markers}
+
+
+@pytest.fixture(scope="session")
+def baseline_root(backbone, tokenizer, tmp_path_factory):
+    """Random (untrained) checkpoints of every baseline that needs one, for the tiny backbone."""
+    from paretoalign.baselines.arm import ARMConfig, new_arm, save_arm
+    from paretoalign.baselines.unconditioned import UnconditionedDualHeadModel
+
+    root = tmp_path_factory.mktemp("baselines")
+    objectives = DualHeadConfig().objectives
+    for seed, (method, scored, name) in enumerate(
+        [("genarm", [objective], f"genarm-{objective}") for objective in objectives] + [("parm", objectives, "parm")]
+    ):
+        config = ARMConfig.for_backbone(method, scored, backbone, tokenizer, layers=1)
+        torch.manual_seed(seed)
+        arm = new_arm(backbone, config)
+        randomize_adapters(arm, seed=seed + 2)
+        save_arm(arm, config, root / name)
+    torch.manual_seed(0)
+    config = DualHeadConfig(backbone=backbone.name_or_path, reward_head="lora", gate_size=16, gate_heads=2)
+    heads = UnconditionedDualHeadModel(backbone, tokenizer, config)
+    randomize_adapters(heads)
+    heads.save_pretrained(root / "dualhead-unconditioned")
+    return root
+
+
+@pytest.fixture
+def baseline_checkpoints(baseline_root, monkeypatch):
+    """Every registered method builds on the tiny model: the baselines' checkpoints come from ``baseline_root`` and
+    ARGS is guided by a :class:`MarkerScorer` instead of the shipped scorer."""
+    monkeypatch.setenv("PARETOALIGN_BASELINE_CHECKPOINTS", str(baseline_root))
+    monkeypatch.setattr("paretoalign.evaluation.rewards.load_scorer", lambda spec=None, device=None, **kwargs: MarkerScorer())
+    return baseline_root

@@ -1,0 +1,362 @@
+"""Train GenARM's and PARM's autoregressive reward models on cached features of the frozen lower blocks.
+
+Only the adapters on the top ``layers`` blocks train, so the input of the first adapted block is computed once for
+every sequence and cached on disk (:func:`paretoalign.features.build_feature_cache` with ``layer``); a step runs the
+top blocks alone. The loss is GenARM's Bradley–Terry loss on ``R = sum_t log pi_r(y_t | x, y_<t)``:
+
+- GenARM: one ARM per objective, trained on that objective's pairs alone;
+- PARM: one ARM, each step under ``w ~ Dirichlet`` with ``sum_i w_i L_pref_i`` over every objective's pairs.
+
+Pairs, splits, batches and preferences come from the same functions as the Dual-Head trainer, so all methods learn
+from the same data. Sampling is a pure function of ``(seed, step)``: a resumed run ends where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from ..backbone import DEFAULT_BACKBONE, cache_dir, load_backbone
+from ..data import PreferenceCollator, load_default_pairs, split_pairs
+from ..features import build_feature_cache
+from ..files import atomic_write
+from ..losses import arm_preference_loss
+from ..model import DualHeadConfig, DualHeadModel
+from ..objective import PairBatch
+from ..preference import DEFAULT_OBJECTIVES
+from ..train import (  # the Dual-Head trainer's pairs, batches and preferences: every method learns from the same data
+    PreparedData,
+    _append_log,
+    _pad_cat,
+    _subsample,
+    _truncate_log,
+    add_pair_sequences,
+    batch_pair_ids,
+    collate_pairs,
+    machine_description,
+    step_preference,
+)
+from .arm import (
+    ARM_METHODS,
+    ARMConfig,
+    adapter_parameters,
+    bind_preference,
+    default_checkpoint,
+    new_arm,
+    save_arm,
+    sequence_rewards,
+)
+
+logger = logging.getLogger(__name__)
+TRAIN_CONFIG_NAME = "arm_train_config.json"
+LOG_NAME = "training_log.jsonl"
+STATE_DIR = "checkpoint"
+
+
+@dataclass
+class ARMTrainConfig:
+    """One ARM's training run; saved as ``arm_train_config.json`` in its output directory (the checkpoint)."""
+
+    method: str = field(default="parm", metadata={"help": f"one of {ARM_METHODS}"})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "the checkpoint directory (default: checkpoints/parm or genarm-<objective>)"}
+    )
+    objective: str | None = field(default=None, metadata={"help": "genarm: the objective this ARM learns; parm: None"})
+    backbone: str = field(default=DEFAULT_BACKBONE, metadata={"help": "backbone id or path"})
+    objectives: list[str] = field(
+        default_factory=lambda: list(DEFAULT_OBJECTIVES), metadata={"help": "every objective, in preference order"}
+    )
+    layers: int = field(default=4, metadata={"help": "adapted blocks at the top of the backbone"})
+    adapter: dict = field(
+        default_factory=dict, metadata={"help": "LoRASettings (genarm) or PBLoRAConfig (parm) fields; empty: defaults"}
+    )
+    include_pku: bool = field(default=False, metadata={"help": "add PKU-SafeRLHF pairs to harmlessness (CC BY-NC 4.0)"})
+    data_dir: str | None = field(default=None, metadata={"help": "preference data folder (default: the vendored data/)"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the train/validation/test split by prompt"})
+    max_train_pairs: int | None = field(default=1500, metadata={"help": "pairs per objective used for training (None: all)"})
+    max_eval_pairs: int = field(default=200, metadata={"help": "validation pairs per objective"})
+    max_length: int = field(default=320, metadata={"help": "most tokens of prompt + reply"})
+    max_prompt_length: int = field(default=192, metadata={"help": "most tokens of the templated prompt"})
+    seed: int = field(default=0, metadata={"help": "seed of the adapters' initialisation, batches and preferences"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    batch_pairs: int = field(default=8, metadata={"help": "pairs per objective per step"})
+    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW peak learning rate"})
+    weight_decay: float = field(default=0.0)
+    warmup_steps: int = field(default=30)
+    max_grad_norm: float = field(default=1.0)
+    beta_r: float = field(default=0.1, metadata={"help": "Bradley-Terry scale on R(chosen) - R(rejected)"})
+    dirichlet_concentration: float = field(default=1.0, metadata={"help": "PARM: w ~ Dirichlet(c); 1 is uniform"})
+    checkpoint_every: int = field(default=50, metadata={"help": "steps between resumable checkpoints"})
+    eval_every: int = field(default=100, metadata={"help": "steps between validation passes"})
+    feature_cache: str | None = field(default=None, metadata={"help": "feature cache folder (default: the user cache)"})
+    max_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per backbone batch while caching"})
+
+    def __post_init__(self):
+        if self.method not in ARM_METHODS:
+            raise ValueError(f"method must be one of {ARM_METHODS}, got {self.method!r}")
+        self.objectives = list(self.objectives)
+        if self.method == "genarm" and self.objective not in self.objectives:
+            raise ValueError(
+                f"a GenARM run trains one objective's ARM: objective must be one of {self.objectives}, got {self.objective!r}"
+            )
+        if self.method == "parm" and self.objective is not None:
+            raise ValueError(f"a PARM run trains one ARM for every objective; objective must be None, got {self.objective!r}")
+        positive = (
+            "layers",
+            "steps",
+            "batch_pairs",
+            "max_length",
+            "max_prompt_length",
+            "checkpoint_every",
+            "eval_every",
+            "max_eval_pairs",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("learning_rate", "beta_r", "dirichlet_concentration"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.max_train_pairs is not None and self.max_train_pairs < 1:
+            raise ValueError(f"max_train_pairs must be a positive integer or None, got {self.max_train_pairs!r}")
+        if self.output_dir is None:
+            self.output_dir = str(default_checkpoint(self.method, self.objective))
+
+    def arm_config(self, backbone, tokenizer) -> ARMConfig:
+        scored = [self.objective] if self.method == "genarm" else self.objectives
+        return ARMConfig.for_backbone(
+            self.method, scored, backbone, tokenizer, layers=self.layers, adapter=dict(self.adapter) or None, beta_r=self.beta_r
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ARMTrainConfig:
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown ARMTrainConfig fields {unknown}")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def prepare_arm_data(config: ARMTrainConfig, model: DualHeadModel, first_layer: int, progress: bool = True) -> PreparedData:
+    """The Dual-Head trainer's pairs (same split, same subsample), with the input of block ``first_layer`` cached."""
+    pools = load_default_pairs(include_pku=config.include_pku, data_dir=config.data_dir)
+    missing = [name for name in config.objectives if not pools.get(name)]
+    if missing:
+        raise ValueError(f"no preference pairs for objectives {missing}; available: {sorted(pools)}")
+    collator = PreferenceCollator(model.tokenizer, config.max_length, config.max_prompt_length)
+    sequences: list[list[int]] = []
+    indices: dict[str, dict] = {"train": {}, "validation": {}}
+    # Every objective's sequences are cached even for one GenARM objective: the runs of all ARMs share one cache.
+    for objective_index, objective in enumerate(config.objectives):
+        splits = split_pairs(pools[objective], seed=config.split_seed)
+        for split, limit in (("train", config.max_train_pairs), ("validation", config.max_eval_pairs)):
+            pairs = _subsample(splits[split], limit, config.seed + objective_index)
+            indices[split][objective] = add_pair_sequences(collator, pairs, sequences)
+    root = Path(config.feature_cache) if config.feature_cache else cache_dir() / "features"
+    cache = build_feature_cache(model, sequences, root, config.max_batch_tokens, progress, layer=first_layer)
+    return PreparedData(cache, indices["train"], indices["validation"])
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def arm_training_loss(arm, arm_config: ARMConfig, batches: list[PairBatch], preference: torch.Tensor | None):
+    """The step's loss and its parts.
+
+    Args:
+        batches: one :class:`~paretoalign.objective.PairBatch` per objective of ``arm_config.objectives``; their
+            ``hidden`` is the input of block ``arm_config.first_layer``.
+        preference: PARM: the step's ``(k,)`` weights ``w``; GenARM: ``None``.
+
+    Returns:
+        ``sum_i w_i L_pref_i`` (PARM) or ``L_pref`` (GenARM), and per-objective stats (trl's names).
+    """
+    if arm_config.method == "parm":
+        bind_preference(arm, preference)
+    joined = PairBatch(
+        *(_pad_cat([getattr(b, name) for b in batches]) for name in ("hidden", "input_ids", "attention_mask", "response_mask"))
+    )
+    rewards = sequence_rewards(arm, joined, arm_config.first_layer)  # rows: [c_1, r_1, c_2, r_2, ...]
+    losses, stats, start = [], {}, 0
+    for name, batch in zip(arm_config.objectives, batches):
+        size = batch.num_pairs
+        loss, objective_stats = arm_preference_loss(
+            rewards[start : start + size], rewards[start + size : start + 2 * size], arm_config.beta_r
+        )
+        losses.append(loss)
+        stats.update({f"{name}/{key}": value.item() for key, value in objective_stats.items()})
+        stats[f"{name}/pref_loss"] = loss.item()
+        start += 2 * size
+    losses = torch.stack(losses)  # (k,) or (1,)
+    total = (preference.to(losses) * losses).sum() if arm_config.method == "parm" else losses.sum()
+    stats["loss"] = total.item()
+    return total, stats
+
+
+@torch.no_grad()
+def evaluate_arm(arm, arm_config: ARMConfig, data: PreparedData, batch_pairs: int = 16) -> dict:
+    """Validation accuracy (R(chosen) > R(rejected)) per objective; PARM's at each one-hot and the uniform preference."""
+    k = len(arm_config.objectives)
+    preferences = (
+        [None] if arm_config.method == "genarm" else [tuple(float(i == j) for j in range(k)) for i in range(k)] + [(1.0 / k,) * k]
+    )
+    device = arm_device(arm)
+    results = {}
+    for objective in arm_config.objectives:
+        index = data.validation[objective]
+        for preference in preferences:
+            if preference is not None:
+                bind_preference(arm, torch.tensor(preference, device=device))
+            correct = 0
+            for start in range(0, len(index.chosen), batch_pairs):
+                ids = np.arange(start, min(start + batch_pairs, len(index.chosen)))
+                rewards = sequence_rewards(arm, collate_pairs(data.cache, index, ids).to(device), arm_config.first_layer)  # (2b,)
+                correct += int((rewards[: len(ids)] > rewards[len(ids) :]).sum())
+            label = "" if preference is None else "@" + ",".join(f"{w:g}" for w in preference)
+            results[f"val/{objective}/accuracy{label}"] = correct / max(len(index.chosen), 1)
+    return results
+
+
+def arm_device(arm) -> torch.device:
+    return next(iter(adapter_parameters(arm).values())).device
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_arm_state(directory: Path, arm, optimizer, scheduler, step: int) -> None:
+    """A resumable checkpoint: adapter weights and AdamW moments (safetensors), counters (JSON)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    adapters = {name: p.detach().to("cpu").contiguous() for name, p in adapter_parameters(arm).items()}
+    atomic_write(directory / "adapter.safetensors", lambda tmp: save_file(adapters, tmp))
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, slot in state["state"].items():
+        for key, value in slot.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    atomic_write(directory / "optimizer.safetensors", lambda tmp: save_file(tensors, tmp))
+    meta = {"step": step, "param_groups": state["param_groups"], "scalars": scalars, "scheduler": scheduler.state_dict()}
+    atomic_write(directory / "trainer_state.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+
+
+def load_arm_state(directory: Path, arm, optimizer, scheduler) -> int:
+    """Restore what :func:`save_arm_state` wrote; returns the step to continue from."""
+    meta = json.loads((directory / "trainer_state.json").read_text())
+    device = str(arm_device(arm))
+    adapters = load_file(directory / "adapter.safetensors", device=device)
+    parameters = adapter_parameters(arm)
+    if set(adapters) != set(parameters):
+        raise ValueError(f"{directory} holds adapters of another ARM layout; use a new output directory")
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(adapters[name])
+    slots: dict[int, dict] = {}
+    for key, value in [*load_file(directory / "optimizer.safetensors", device=device).items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        slots.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    return int(meta["step"])
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def train_arm(config: ARMTrainConfig, backbone=None, tokenizer=None, progress: bool = True):
+    """Train (or resume) one ARM and save it to ``config.output_dir``; returns ``(arm, arm_config)``.
+
+    The directory ends up holding the adapters and ``arm_config.json`` (what decoding loads), ``arm_train_config.json``,
+    ``training_log.jsonl`` and ``checkpoint/`` (the resumable state).
+    """
+    if backbone is None:
+        backbone, tokenizer = load_backbone(config.backbone)
+    elif tokenizer is None:
+        raise ValueError("pass the backbone's tokenizer together with a loaded backbone")
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    saved = output / TRAIN_CONFIG_NAME
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    if saved.is_file() and json.loads(saved.read_text()) != json.loads(text):
+        raise ValueError(f"{saved} holds a different config; use a new output directory or the same settings to resume")
+    atomic_write(saved, lambda tmp: Path(tmp).write_text(text))
+
+    arm_config = config.arm_config(backbone, tokenizer)
+    features_model = DualHeadModel(
+        backbone, tokenizer, DualHeadConfig(backbone=arm_config.backbone, objectives=config.objectives)
+    )
+    prepared_at = time.time()
+    data = prepare_arm_data(config, features_model, arm_config.first_layer, progress)
+    feature_seconds = time.time() - prepared_at
+    del features_model
+    torch.manual_seed(config.seed)
+    arm = new_arm(backbone, arm_config)
+    trainable = list(adapter_parameters(arm).values())
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    state_dir, log_path = output / STATE_DIR, output / LOG_NAME
+    start = load_arm_state(state_dir, arm, optimizer, scheduler) if (state_dir / "trainer_state.json").is_file() else 0
+    if start:
+        logger.warning("resuming %s from step %d", output, start)
+    _truncate_log(log_path, start)  # steps logged after the last checkpoint are run again
+
+    device = arm_device(arm)
+    streams = [config.objectives.index(name) for name in arm_config.objectives]  # the Dual-Head trainer's batch streams
+    bar = tqdm(total=config.steps, initial=start, desc=f"training {config.method} ARM", disable=not progress)
+    began, final_eval = time.time(), None
+    for step in range(start, config.steps):
+        preference = None
+        if config.method == "parm":
+            preference = step_preference(len(config.objectives), step, config.seed, config.dirichlet_concentration).to(device)
+        batches = []
+        for stream, objective in zip(streams, arm_config.objectives):
+            index = data.train[objective]
+            ids = batch_pair_ids(len(index.chosen), config.batch_pairs, step, config.seed, stream)
+            batches.append(collate_pairs(data.cache, index, ids).to(device))
+        loss, stats = arm_training_loss(arm, arm_config, batches, preference)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        done = step + 1
+        record = {"step": done, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), **stats}
+        if preference is not None:
+            record["preference"] = preference.tolist()
+        if done % config.eval_every == 0 or done == config.steps:
+            final_eval = evaluate_arm(arm, arm_config, data)
+            record.update(final_eval)
+        _append_log(log_path, record)
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            save_arm_state(state_dir, arm, optimizer, scheduler, done)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}")
+        bar.update(1)
+    bar.close()
+    arm_config.training = {
+        "steps": config.steps,
+        "resumed_from_step": start,
+        "train_seconds": round(time.time() - began, 1),
+        "feature_seconds": json.loads((data.cache.directory / "meta.json").read_text()).get("seconds", round(feature_seconds, 1)),
+        "machine": machine_description(device),
+        "train_config": TRAIN_CONFIG_NAME,
+        **(final_eval or evaluate_arm(arm, arm_config, data)),
+    }
+    save_arm(arm, arm_config, output)
+    return arm, arm_config

@@ -1,0 +1,628 @@
+"""Preference sweeps: every method x preference grid point x prompt, generated, scored and appended to a resumable file.
+
+A sweep directory holds
+
+- ``sweep.json``: the settings (written once; a resume with different settings is refused);
+- ``results.jsonl``: one row per (method, preference, prompt), appended batch by batch with fsync;
+- ``methods.jsonl``: one line per method per run: peak memory, trainable parameters, device.
+
+A method that ignores the preference (``base``) is run once per prompt and its rows carry
+``"preference": null``: its "front" is a single point, which :mod:`~paretoalign.evaluation.report`
+evaluates at every grid point for MIP.
+
+Row schema of ``results.jsonl``::
+
+    {"method": "dualhead", "preference": [0.1, 0.9] | null, "prompt_id": "3f2a...", "prompt_index": 0,
+     "prompt": "..." | [{"role": ..., "content": ...}], "text": "...", "scores": {"helpfulness": 1.2, ...},
+     "tokens": 37, "finish_reason": "eos" | "length", "seconds": 0.12, "model_passes_per_token": 1.0, "seed": 12345}
+
+``seconds`` is the row's share of its batch's generation time (batch seconds / rows in the batch), so
+summed tokens over summed seconds is the method's throughput; scoring time is not included.
+``model_passes_per_token`` counts calls of the outermost transformers models held in the decoder's
+attributes, per decoding step of the batch (``null`` when the decoder holds none the counter can see).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..files import atomic_write
+from ..methods import build_decoder, get_method, parse_methods, trainable_parameters
+from ..preference import simplex_grid
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_NAME = "sweep.json"
+RESULTS_NAME = "results.jsonl"
+METHOD_RUNS_NAME = "methods.jsonl"
+FORMAT_VERSION = 1
+# Settings that may change between runs of one sweep: methods can be added, batches resized, files moved.
+NOT_COMPARED = ("methods", "batch_size", "prompts.source", "model.checkpoint", "scorer.describe.source", "scorer.describe.device")
+SPLIT_PREFIX = "split:"
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class SweepPrompt:
+    """One prompt of a sweep and its stable content id."""
+
+    id: str
+    prompt: str | list[dict]
+
+
+def prompt_id(prompt: str | list[dict]) -> str:
+    """A 16-hex-digit hash of the prompt's content: the same prompt gets the same id in every file."""
+    return hashlib.sha256(json.dumps(prompt, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def _check_prompt(prompt, where: str) -> str | list[dict]:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"{where}: the prompt is empty")
+        return prompt
+    messages_ok = (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt)
+    )
+    if not messages_ok:
+        raise ValueError(f"{where}: a prompt must be a string or a list of {{'role', 'content'}} messages, got {str(prompt)[:120]!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def _prompts_from_records(records: list[dict], path: Path) -> list[str | list[dict]]:
+    from ..data import parse_hh_pair
+
+    prompts, skipped = [], 0
+    for number, record in enumerate(records, start=1):
+        where = f"{path}: record {number}"
+        if not isinstance(record, (dict, str)):
+            raise ValueError(f"{where}: expected a JSON object or string, got {type(record).__name__}")
+        if isinstance(record, str):  # a JSON list of prompt strings
+            prompts.append(_check_prompt(record, where))
+        elif "chosen" in record and "rejected" in record:  # HH-RLHF: the dialogue before the last assistant turn
+            pair = parse_hh_pair(record, objective="prompt", source=path.name)
+            if pair is None:
+                skipped += 1
+                continue
+            prompts.append(pair.prompt)
+        elif "prompt" in record:  # {"prompt": ...}, PKU-SafeRLHF too
+            prompts.append(_check_prompt(record["prompt"], where))
+        else:
+            raise ValueError(f"{where}: expected a 'prompt' key or HH-RLHF 'chosen'/'rejected' transcripts, got keys {sorted(record)}")
+    if skipped:
+        logger.info("%s: skipped %d HH-RLHF records with a broken transcript", path, skipped)
+    return prompts
+
+
+def _read_json_records(path: Path) -> list:
+    from ..data import _open_text
+
+    with _open_text(path) as handle:
+        text = handle.read()
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {error.lineno}: invalid JSON ({error.msg})") from None
+    records = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {number}: invalid JSON ({error.msg})") from None
+    return records
+
+
+def _split_prompts(spec: str) -> list[list[dict]]:
+    """``split:test`` or ``split:test:harmlessness``: prompts of the vendored data's split (seed 0)."""
+    from ..data import SPLIT_NAMES, load_default_pairs, split_pairs
+
+    parts = spec[len(SPLIT_PREFIX) :].split(":")
+    if len(parts) > 2 or parts[0] not in SPLIT_NAMES:
+        raise ValueError(f"prompts {spec!r} must look like 'split:NAME[:OBJECTIVE]' with NAME one of {list(SPLIT_NAMES)}")
+    pools = load_default_pairs()
+    objectives = [parts[1]] if len(parts) == 2 else list(pools)
+    unknown = [name for name in objectives if name not in pools]
+    if unknown:
+        raise ValueError(f"prompts {spec!r}: objective {unknown[0]!r} has no vendored pairs; choose from {sorted(pools)}")
+    return [pair.prompt for name in objectives for pair in split_pairs(pools[name], seed=0)[parts[0]]]
+
+
+def load_prompts(source: str | os.PathLike, limit: int | None = None) -> list[SweepPrompt]:
+    """Read sweep prompts, de-duplicated, in file order.
+
+    Args:
+        source: a ``.jsonl`` / ``.json`` / ``.jsonl.gz`` file of ``{"prompt": text or messages}`` records or of
+            HH-RLHF pairs (the dialogue before the last assistant turn); any other file is plain text with
+            one prompt a line; or ``split:test[:objective]`` for the vendored data's held-out prompts (seed 0).
+        limit: keep the first ``limit`` prompts.
+    """
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    text = str(source)
+    if text.startswith(SPLIT_PREFIX):
+        raw = _split_prompts(text)
+    else:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {text!r} does not exist")
+        if path.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+            raw = _prompts_from_records(_read_json_records(path), path)
+        else:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            raw = [line.strip() for line in lines if line.strip()]
+    prompts = _first_occurrences(raw)
+    if not prompts:
+        raise ValueError(f"prompts {text!r} holds no prompts")
+    if len(prompts) < len(raw):
+        logger.info("%s: dropped %d duplicate prompts", text, len(raw) - len(prompts))
+    return prompts[:limit] if limit else prompts
+
+
+def _first_occurrences(raw: list) -> list[SweepPrompt]:
+    seen: dict[str, SweepPrompt] = {}
+    for prompt in raw:
+        seen.setdefault(prompt_id(prompt), SweepPrompt(prompt_id(prompt), prompt))
+    return list(seen.values())
+
+
+def preference_grid(grid: int, num_objectives: int) -> list[tuple[float, ...]]:
+    """``grid`` points per simplex edge: 11 over two objectives gives (0, 1), (0.1, 0.9), ..., (1, 0)."""
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
+        raise ValueError(f"grid must be an integer >= 2 (points per preference axis), got {grid!r}")
+    return simplex_grid(grid, num_objectives)
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+@dataclass
+class SweepConfig:
+    """What a sweep runs; ``paretoalign sweep`` builds one from its arguments."""
+
+    prompts: str = field(metadata={"help": "prompts file (.jsonl/.json/.jsonl.gz/plain text) or split:test[:objective]"})
+    out: str = field(metadata={"help": "the sweep directory (sweep.json, results.jsonl, methods.jsonl)"})
+    methods: list[str] = field(default_factory=lambda: ["dualhead", "base"], metadata={"help": "registered method names"})
+    grid: int = field(default=11, metadata={"help": "preference points per simplex edge"})
+    max_new_tokens: int = 128
+    temperature: float = field(default=0.0, metadata={"help": "0 is greedy"})
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    strength: float | None = field(default=None, metadata={"help": "steering strength passed to every method (default: its own)"})
+    fusion: str | None = field(default=None, metadata={"help": "Dual-Head fusion override: gate or genarm"})
+    checkpoint: str | None = None
+    backbone: str | None = None
+    scorer: str | None = field(default=None, metadata={"help": "reward scorer spec for load_scorer (default: the shipped one)"})
+    limit: int | None = field(default=None, metadata={"help": "sweep only the first N prompts"})
+    batch_size: int = field(default=16, metadata={"help": "rows (prompt x preference) generated together"})
+    system_prompt: str | None = None
+    device: str | None = None
+
+    def __post_init__(self):
+        from ..generation import SamplingConfig
+        from ..model import FUSION_MODES
+
+        self.methods = parse_methods(self.methods)
+        preference_grid(self.grid, 2)
+        SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+            raise ValueError(f"limit must be a positive integer, got {self.limit!r}")
+        if self.strength is not None and not (isinstance(self.strength, (int, float)) and math.isfinite(self.strength)):
+            raise ValueError(f"strength must be a finite number, got {self.strength!r}")
+        if self.fusion is not None and self.fusion not in FUSION_MODES:
+            raise ValueError(f"fusion must be one of {FUSION_MODES} or None, got {self.fusion!r}")
+        if not str(self.out).strip():
+            raise ValueError(f"out must name a directory, got {self.out!r}")
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def settings_changes(recorded: dict, requested: dict) -> list[str]:
+    """``["grid: 11 -> 5", ...]`` for every compared setting that differs (see :data:`NOT_COMPARED`)."""
+    old, new = _flatten(recorded), _flatten(requested)
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == skip or key.startswith(skip + ".") for skip in NOT_COMPARED):
+            continue
+        if old.get(key) != new.get(key):
+            changes.append(f"{key}: {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}")
+    return changes
+
+
+def _heads_fingerprint(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.trainable_state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _scorer_spec(spec: str | None, scorer, loaded: bool) -> str:
+    """The scorer's spec as ``load_scorer`` reads it, or the class of a scorer handed in."""
+    if loaded:
+        return "default" if spec is None else str(spec)
+    return f"{type(scorer).__module__}.{type(scorer).__qualname__}"
+
+
+def _describe(scorer) -> dict:
+    describe = getattr(scorer, "describe", None)
+    return json.loads(json.dumps(describe(), default=str)) if callable(describe) else {}
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _record_settings(directory: Path, settings: dict) -> dict:
+    """Write ``sweep.json``, or check it against the existing one (adding new methods to it)."""
+    path = directory / SETTINGS_NAME
+    if not path.is_file():
+        _write_json(path, settings)
+        return settings
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    changes = settings_changes(recorded, settings)
+    if changes:
+        raise ValueError(
+            f"{path} was written by a sweep with different settings; resume with the same settings or use a new --out. "
+            f"Changed: {'; '.join(changes)}"
+        )
+    added = [name for name in settings["methods"] if name not in recorded["methods"]]
+    if added:
+        recorded["methods"] = recorded["methods"] + added
+        _write_json(path, recorded)
+    return recorded
+
+
+# ---------------------------------------------------------------------------------------------- results file
+
+
+def row_key(row: dict) -> tuple:
+    """What makes a result row unique: ``(method, preference or None, prompt_id)``."""
+    preference = row.get("preference")
+    return row["method"], None if preference is None else tuple(float(w) for w in preference), row["prompt_id"]
+
+
+def read_results(path: str | os.PathLike, repair: bool = False) -> list[dict]:
+    """The complete rows of a ``results.jsonl``.
+
+    A last line without its newline is a write that was cut off: it is dropped (and, with ``repair``,
+    cut from the file so appending continues cleanly). A broken line elsewhere raises ``ValueError``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    *lines, tail = data.split(b"\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg}); the file is damaged") from None
+    if tail.strip():
+        logger.warning("%s: dropping a partly written last line (%d bytes) from an interrupted write", path, len(tail))
+        if repair:
+            with open(path, "r+b") as handle:
+                handle.truncate(len(data) - len(tail))
+                handle.flush()
+                os.fsync(handle.fileno())
+    return rows
+
+
+def append_rows(path: Path, rows: Sequence[dict]) -> None:
+    """Append ``rows`` as JSON lines in one write, then flush and fsync: a crash loses at most this batch."""
+    payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    with open(path, "ab") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+class ModelPassCounter:
+    """Counts forward calls of the outermost transformers models a decoder holds (a nested call is part of its caller)."""
+
+    def __init__(self, decoder):
+        from transformers import PreTrainedModel
+
+        models: dict[int, torch.nn.Module] = {}
+        for value in vars(decoder).values():
+            if isinstance(value, torch.nn.Module):
+                for module in value.modules():
+                    if isinstance(module, PreTrainedModel):
+                        models[id(module)] = module
+        self.models = list(models.values())
+        self.passes = 0
+        self._depth = 0
+        self._handles = []
+
+    def _enter(self, module, args):
+        if self._depth == 0:
+            self.passes += 1
+        self._depth += 1
+
+    def _exit(self, module, args, output):
+        self._depth -= 1
+
+    def __enter__(self):
+        for module in self.models:
+            self._handles.append(module.register_forward_pre_hook(self._enter))
+            self._handles.append(module.register_forward_hook(self._exit, always_call=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class PeakMemory:
+    """Peak memory while a method runs: ``torch.cuda.max_memory_allocated`` on a GPU, else the process's peak RSS.
+
+    On Linux the process peak RSS is reset by :meth:`start` (``/proc/self/clear_refs``); where that is
+    not possible the value is the peak since the process started, and ``kind`` says so.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.kind = ""
+
+    def start(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.kind = "cuda_max_memory_allocated"
+            return self
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.kind = "process_peak_rss"
+        except OSError:
+            self.kind = "process_peak_rss_since_start"
+        return self
+
+    def read(self) -> int:
+        """Peak bytes since :meth:`start`."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        try:
+            status = Path("/proc/self/status").read_text()
+            return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+        except (OSError, StopIteration, ValueError):
+            self.kind = "process_peak_rss_since_start"
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def row_seed(seed: int, prompt_id: str) -> int:
+    """The sampling seed of every row of a prompt: the same for all methods and preferences (common random numbers)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:4], "big")
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+@dataclass(frozen=True)
+class _Job:
+    method: str
+    preference: tuple[float, ...] | None
+    prompt_index: int
+    prompt: SweepPrompt
+
+
+def _batches(jobs: list[_Job], batch_size: int) -> Iterator[list[_Job]]:
+    for start in range(0, len(jobs), batch_size):
+        yield jobs[start : start + batch_size]
+
+
+def _score_columns(scorer, objectives: Sequence[str]) -> list[int]:
+    """Column of the scorer's output for each sweep objective."""
+    names = list(getattr(scorer, "objectives", ()))
+    if sorted(names) != sorted(objectives):
+        raise ValueError(f"scorer objectives {names} do not match the model's objectives {list(objectives)}")
+    return [names.index(name) for name in objectives]
+
+
+def _load_model(config: SweepConfig):
+    from ..model import load_model
+
+    return load_model(config.checkpoint, config.backbone, config.device)
+
+
+def _load_scorer(spec: str | None, device):
+    from .rewards import load_scorer
+
+    return load_scorer(spec, device=device)
+
+
+def run_sweep(
+    config: SweepConfig,
+    *,
+    model=None,
+    scorer=None,
+    progress: bool = True,
+    after_batch: Callable[[list[dict]], None] | None = None,
+) -> dict:
+    """Run (or resume) the sweep ``config`` describes; rows already in ``results.jsonl`` are skipped.
+
+    Args:
+        model: a loaded :class:`~paretoalign.model.DualHeadModel`; default ``load_model(checkpoint, backbone, device)``.
+        scorer: a reward scorer (``objectives``, ``score(prompts, responses, batch_size)``, ``describe()``);
+            default ``load_scorer(config.scorer)``.
+        after_batch: called with each batch's rows once they are on disk.
+
+    Returns:
+        ``{"directory", "written", "skipped", "total"}``: rows written now, rows found done, rows in the sweep.
+    """
+    prompts = load_prompts(config.prompts, config.limit)
+    model = model if model is not None else _load_model(config)
+    scorer_loaded = scorer is None
+    scorer = _load_scorer(config.scorer, model.device) if scorer_loaded else scorer
+    objectives = list(model.objectives)
+    _score_columns(scorer, objectives)
+    grid = preference_grid(config.grid, len(objectives))
+    directory = Path(config.out).expanduser()
+    directory.mkdir(parents=True, exist_ok=True)
+    _record_settings(directory, _settings(config, model, scorer, scorer_loaded, prompts, grid))
+    results_path = directory / RESULTS_NAME
+    done = {row_key(row) for row in read_results(results_path, repair=True)}
+
+    jobs: dict[str, list[_Job]] = {}
+    total = 0
+    for name in config.methods:
+        points = grid if get_method(name).uses_preference else [None]
+        every = [_Job(name, point, index, prompt) for index, prompt in enumerate(prompts) for point in points]
+        total += len(every)
+        jobs[name] = [job for job in every if (name, job.preference, job.prompt.id) not in done]
+    pending = sum(len(todo) for todo in jobs.values())
+    bar = _progress(pending, progress)
+    written = 0
+    try:
+        for name, todo in jobs.items():
+            if todo:
+                written += _run_method(name, todo, config, model, scorer, directory, bar, after_batch)
+    finally:
+        bar.close()
+    return {"directory": str(directory), "written": written, "skipped": total - pending, "total": total}
+
+
+def _settings(config: SweepConfig, model, scorer, scorer_loaded: bool, prompts: list[SweepPrompt], grid) -> dict:
+    return {
+        "format": FORMAT_VERSION,
+        "objectives": list(model.objectives),
+        "grid": config.grid,
+        "preferences": [list(point) for point in grid],
+        "methods": list(config.methods),
+        "prompts": {
+            "source": str(config.prompts),
+            "limit": config.limit,
+            "count": len(prompts),
+            "fingerprint": hashlib.sha256("\n".join(p.id for p in prompts).encode()).hexdigest()[:16],
+        },
+        "model": {
+            "checkpoint": None if config.checkpoint is None else str(Path(config.checkpoint).expanduser().resolve()),
+            "backbone": model.config.backbone,
+            "heads_fingerprint": _heads_fingerprint(model),
+        },
+        "scorer": {"spec": _scorer_spec(config.scorer, scorer, scorer_loaded), "describe": _describe(scorer)},
+        "sampling": {
+            "max_new_tokens": config.max_new_tokens,
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "top_k": config.top_k,
+            "seed": config.seed,
+        },
+        "strength": config.strength,
+        "fusion": config.fusion,
+        "system_prompt": config.system_prompt,
+        "batch_size": config.batch_size,
+    }
+
+
+def _run_method(name: str, todo: list[_Job], config: SweepConfig, model, scorer, directory: Path, bar, after_batch) -> int:
+    """Generate, score and append every pending row of one method; log its measurements to ``methods.jsonl``."""
+    from ..generation import generate
+
+    objectives = list(model.objectives)
+    columns = _score_columns(scorer, objectives)
+    uniform = [1.0 / len(objectives)] * len(objectives)  # what a method that ignores the preference is handed
+    decoder = build_decoder(name, model, strength=config.strength, fusion=config.fusion)
+    counter = ModelPassCounter(decoder)
+    memory = PeakMemory(model.device).start()
+    written = 0
+    try:
+        for batch in _batches(todo, config.batch_size):
+            prompts = [job.prompt.prompt for job in batch]
+            seeds = [row_seed(config.seed, job.prompt.id) for job in batch]
+            preference = torch.tensor([job.preference or uniform for job in batch], dtype=torch.float64)  # (B, k)
+            counter.passes = 0
+            start = time.perf_counter()
+            with counter:
+                generations = generate(
+                    model, prompts, preference, decoder=decoder, system_prompt=config.system_prompt,
+                    max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                    top_k=config.top_k, seed=seeds,
+                )
+            seconds = time.perf_counter() - start
+            # Decoding steps of the batch: a row that stopped at eos took one step past its last token.
+            steps = max(min(len(g.token_ids) + (g.finish_reason == "eos"), config.max_new_tokens) for g in generations)
+            scores = np.asarray(scorer.score(prompts, [g.text for g in generations], batch_size=len(batch)), dtype=np.float64)
+            if scores.shape != (len(batch), len(objectives)):
+                raise ValueError(f"scorer returned shape {scores.shape} for {len(batch)} responses and {len(objectives)} objectives")
+            rows = [
+                {
+                    "method": name,
+                    "preference": None if job.preference is None else list(job.preference),
+                    "prompt_id": job.prompt.id,
+                    "prompt_index": job.prompt_index,
+                    "prompt": job.prompt.prompt,
+                    "text": generation.text,
+                    "scores": {objective: float(scores[row, column]) for objective, column in zip(objectives, columns)},
+                    "tokens": len(generation.token_ids),
+                    "finish_reason": generation.finish_reason,
+                    "seconds": seconds / len(batch),
+                    "model_passes_per_token": counter.passes / steps if counter.models else None,
+                    "seed": seed,
+                }
+                for row, (job, generation, seed) in enumerate(zip(batch, generations, seeds))
+            ]
+            append_rows(directory / RESULTS_NAME, rows)
+            written += len(rows)
+            bar.update(len(rows))
+            if after_batch is not None:
+                after_batch(rows)
+    finally:
+        # Logged even when interrupted: the measurements of the rows that did finish are still true.
+        record = {
+            "method": name,
+            "rows": written,
+            "device": str(model.device),
+            "trainable_parameters": trainable_parameters(decoder),
+            "peak_memory_bytes": memory.read(),
+            "memory_kind": memory.kind,
+            "finished_at": time.time(),
+        }
+        append_rows(directory / METHOD_RUNS_NAME, [record])
+    return written
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sweep", unit="row", disable=not enabled)
