@@ -176,6 +176,7 @@ class ARGSDecoder:
         self.reward_models = nn.ModuleList(_reward_modules(scorer))
         self.candidates, self.weight, self.scorer_batch_size = candidates, float(weight), scorer_batch_size
         self.model_passes_per_token = 1  # backbone passes; the scorer reads candidates x rows texts on top of it
+        self.scorer_passes = 0  # batched scorer forward passes so far; the sweep adds them to the model passes
         self.reward_evaluations_per_token = candidates
         self.eos_ids = set(eos_token_ids(tokenizer, backbone))
         self.reader = ChatPromptReader(tokenizer)
@@ -210,6 +211,7 @@ class ARGSDecoder:
             rewards = np.asarray(
                 self.scorer.score(prompts, texts, batch_size=self.scorer_batch_size), dtype=np.float64
             )  # (R c, n)
+            self.scorer_passes += -(-len(texts) // self.scorer_batch_size)  # the scorer's batched forward passes
             if rewards.shape != (len(texts), len(self.scorer.objectives)):
                 raise ValueError(
                     f"scorer returned shape {rewards.shape} for {len(texts)} texts and objectives {list(self.scorer.objectives)}"

@@ -19,7 +19,8 @@ Row schema of ``results.jsonl``::
 ``seconds`` is the row's share of its batch's generation time (batch seconds / rows in the batch), so
 summed tokens over summed seconds is the method's throughput; scoring time is not included.
 ``model_passes_per_token`` counts calls of the outermost transformers models held in the decoder's
-attributes, per decoding step of the batch (``null`` when the decoder holds none the counter can see).
+attributes, plus the batched passes of models the decoder calls itself and reports as ``scorer_passes``
+(ARGS's reward scorer), per decoding step of the batch (``null`` when the counter sees no model).
 """
 
 from __future__ import annotations
@@ -368,6 +369,7 @@ class ModelPassCounter:
                     if isinstance(module, PreTrainedModel):
                         models[id(module)] = module
         self.models = list(models.values())
+        self._decoder, self._scorer_start = decoder, 0
         self.passes = 0
         self._depth = 0
         self._handles = []
@@ -380,7 +382,13 @@ class ModelPassCounter:
     def _exit(self, module, args, output):
         self._depth -= 1
 
+    @property
+    def total(self) -> int:
+        """Backbone-side passes plus the passes a decoder reports for models it calls itself (ARGS's scorer)."""
+        return self.passes + getattr(self._decoder, "scorer_passes", 0) - self._scorer_start
+
     def __enter__(self):
+        self._scorer_start = getattr(self._decoder, "scorer_passes", 0)
         for module in self.models:
             self._handles.append(module.register_forward_pre_hook(self._enter))
             self._handles.append(module.register_forward_hook(self._exit, always_call=True))
@@ -597,7 +605,7 @@ def _run_method(name: str, todo: list[_Job], config: SweepConfig, model, scorer,
                     "tokens": len(generation.token_ids),
                     "finish_reason": generation.finish_reason,
                     "seconds": seconds / len(batch),
-                    "model_passes_per_token": counter.passes / steps if counter.models else None,
+                    "model_passes_per_token": counter.total / steps if counter.models else None,
                     "seed": seed,
                 }
                 for row, (job, generation, seed) in enumerate(zip(batch, generations, seeds))
