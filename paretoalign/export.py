@@ -54,6 +54,12 @@ def _validation_curve(log_path: Path) -> str:
     return "\n".join(lines)
 
 
+def _reward_definition(model_config: dict) -> str:
+    if model_config.get("reward_baseline", "none") == "backbone":
+        return "R = Σ_t [log π_r(y_t | x, y_<t) − log π_LM(y_t | x, y_<t)], the head's change to the frozen LM."
+    return "R = Σ_t log π_r(y_t | x, y_<t)."
+
+
 def write_model_card(run_dir: Path, checkpoint_dir: Path, results: dict) -> str:
     config = json.loads((run_dir / "train_config.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -69,7 +75,7 @@ Preference-aware Dual-Head heads (PBLoRA reward head + context gate) for the fro
 ## Held-out accuracy of the reward head
 
 Fraction of **test-split** pairs (never seen in training or validation) whose chosen reply gets the higher ARM
-reward R = Σ log π_r(y_t | x, y_<t) at each preference w = (helpfulness, harmlessness):
+reward at each preference w = (helpfulness, harmlessness); {_reward_definition(model_config)}
 
 {_accuracy_table(results)}
 
@@ -87,7 +93,7 @@ tokens. PKU-SafeRLHF: {'included' if config['include_pku'] else 'not used (opt-i
 
 `paretoalign train --config configs/default.json` — PARM's multi-objective step with the Dual-Head losses:
 each step draws w ~ Dirichlet({config['dirichlet_concentration']}) and {config['batch_pairs']} pairs per objective, and minimises
-L_LM(fused logits, chosen replies) + {config['lambda_r']} · Σ_i w_i L_pref,i − {config['lambda_g']} · E_t[H(α_t)], with
+L_LM(fused logits, chosen replies{"" if config.get("lm_loss_trains_reward_head", True) else "; it trains the gate only, not the reward head"}) + {config['lambda_r']} · Σ_i w_i L_pref,i − {config['lambda_g']} · E_t[H(α_t)], with
 L_pref = −log σ(β_r (R(chosen) − R(rejected))), β_r = {config['beta_r']}.
 AdamW (β = {tuple(config['adam_betas'])}, lr {config['learning_rate']}, weight decay {config['weight_decay']}), cosine decay
 after {config['warmup_steps']} warm-up steps, {config['steps']} steps, gradient clipping at {config['max_grad_norm']}.
