@@ -1,9 +1,11 @@
 """Shared fixtures: tiny randomly initialised Llama backbones (fast, CPU, offline)."""
 
+import gzip
 import numpy as np
 import pytest
 import torch
 
+from paretoalign.data import DATA_DIR
 from paretoalign.model import DualHeadConfig, DualHeadModel
 from paretoalign.testing import tiny_backbone, tiny_tokenizer
 
@@ -94,3 +96,16 @@ def baseline_checkpoints(baseline_root, monkeypatch):
     monkeypatch.setenv("PARETOALIGN_BASELINE_CHECKPOINTS", str(baseline_root))
     monkeypatch.setattr("paretoalign.evaluation.rewards.load_scorer", lambda spec=None, device=None, **kwargs: MarkerScorer())
     return baseline_root
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """The first 24 real pairs of each vendored HH-RLHF file."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "hh-rlhf").mkdir()
+    for name in ("helpful-base", "helpful-online", "helpful-rejection-sampled", "harmless-base"):
+        with gzip.open(DATA_DIR / "hh-rlhf" / f"{name}.jsonl.gz", "rt") as source:
+            lines = [next(source) for _ in range(24)]
+        with gzip.open(root / "hh-rlhf" / f"{name}.jsonl.gz", "wt") as target:
+            target.writelines(lines)
+    return root

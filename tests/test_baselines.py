@@ -1,6 +1,5 @@
 """The reference methods on the tiny model: ARM training and checkpoints, GenARM/PARM/ARGS scores by hand, the sweep."""
 
-import gzip
 import json
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from paretoalign.baselines.arm import (
 from paretoalign.baselines.arm_training import ARMTrainConfig, arm_training_loss, prepare_arm_data, train_arm
 from paretoalign.baselines.unconditioned import UnconditionedDualHeadModel
 from paretoalign.cli import main
-from paretoalign.data import DATA_DIR
 from paretoalign.evaluation.sweep import SweepConfig, read_results, run_sweep
 from paretoalign.features import block_input
 from paretoalign.generation import generate, prepare_batch
@@ -33,19 +31,6 @@ from paretoalign.model import DualHeadConfig, DualHeadModel, position_ids_from_m
 from paretoalign.train import collate_pairs
 
 OBJECTIVES = ["helpfulness", "harmlessness"]
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """The first 24 real pairs of each vendored HH-RLHF file."""
-    root = tmp_path_factory.mktemp("data")
-    (root / "hh-rlhf").mkdir()
-    for name in ("helpful-base", "helpful-online", "helpful-rejection-sampled", "harmless-base"):
-        with gzip.open(DATA_DIR / "hh-rlhf" / f"{name}.jsonl.gz", "rt") as source:
-            lines = [next(source) for _ in range(24)]
-        with gzip.open(root / "hh-rlhf" / f"{name}.jsonl.gz", "wt") as target:
-            target.writelines(lines)
-    return root
 
 
 def train_config(small_data, tmp_path, method, **overrides) -> ARMTrainConfig:

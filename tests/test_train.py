@@ -1,6 +1,5 @@
 """Training on cached features: the loss goes down, resume equals an uninterrupted run, the cache is reused."""
 
-import gzip
 import json
 from pathlib import Path
 
@@ -10,22 +9,8 @@ import torch
 
 from paretoalign import features as features_module
 from paretoalign import train as train_module
-from paretoalign.data import DATA_DIR
 from paretoalign.model import DualHeadModel
 from paretoalign.train import TrainConfig, collate_pairs, prepare_data, step_preference, train, training_loss
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """The first 24 real pairs of each vendored HH-RLHF file."""
-    root = tmp_path_factory.mktemp("data")
-    (root / "hh-rlhf").mkdir()
-    for name in ("helpful-base", "helpful-online", "helpful-rejection-sampled", "harmless-base"):
-        with gzip.open(DATA_DIR / "hh-rlhf" / f"{name}.jsonl.gz", "rt") as source:
-            lines = [next(source) for _ in range(24)]
-        with gzip.open(root / "hh-rlhf" / f"{name}.jsonl.gz", "wt") as target:
-            target.writelines(lines)
-    return root
 
 
 def make_config(small_data, tmp_path, **overrides) -> TrainConfig:
