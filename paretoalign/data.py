@@ -192,6 +192,38 @@ def _check_record(record, format_name: str | None, where: str) -> str:
     return detected
 
 
+def read_json_values(path: str | Path) -> list[tuple[str, object]]:
+    """Every value of a JSON-lines file (optionally gzipped) or of one JSON list, with where it sits in the file.
+
+    Returns:
+        ``(where, value)`` pairs, ``where`` naming the file and the line (JSON lines) or the item (a JSON list).
+
+    Raises:
+        ValueError: naming the file and the line that is not valid JSON, or a file that is not UTF-8 text.
+    """
+    path = Path(path)
+    try:
+        with _open_text(path) as handle:
+            text = handle.read()
+    except (OSError, EOFError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot be read as UTF-8 text ({error})") from error
+    if text.lstrip().startswith("["):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {error.lineno}, column {error.colno}: invalid JSON ({error.msg})") from None
+        return [(f"{path}: item {index}", value) for index, value in enumerate(values)]
+    found = []
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            found.append((f"{path}: line {number}", json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {number}: invalid JSON ({error.msg})") from None
+    return found
+
+
 def read_records(path: str | Path) -> tuple[str, list[dict]]:
     """Read and validate a preference file: JSON lines (optionally gzipped) or one JSON list.
 
@@ -201,31 +233,10 @@ def read_records(path: str | Path) -> tuple[str, list[dict]]:
     Raises:
         ValueError: naming the file and the line (JSON lines) or the item (a JSON list) that is broken.
     """
-    path = Path(path)
-    try:
-        with _open_text(path) as handle:
-            text = handle.read()
-    except (OSError, EOFError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: cannot be read as UTF-8 text ({error})") from error
-    format_name = None
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: line {error.lineno}, column {error.colno}: invalid JSON ({error.msg})") from None
-        for index, record in enumerate(records):
-            format_name = _check_record(record, format_name, f"{path}: item {index}")
-    else:
-        records = []
-        for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number}: invalid JSON ({error.msg})") from None
-            format_name = _check_record(record, format_name, f"{path}: line {number}")
-            records.append(record)
+    format_name, records = None, []
+    for where, record in read_json_values(path):
+        format_name = _check_record(record, format_name, where)
+        records.append(record)
     if not records:
         raise ValueError(f"{path}: holds no records")
     return format_name, records

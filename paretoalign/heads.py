@@ -13,6 +13,11 @@ from .pblora import PBLoRAConfig, PBLoRALinear
 REWARD_HEAD_KINDS = ("pblora", "hidden", "full_rank", "lora")
 
 
+def constant_preference(preference: torch.Tensor) -> torch.Tensor:
+    """What a preference-unaware adapter reads instead of ``preference``: ``(..., k) -> (..., 1)`` ones."""
+    return preference.new_ones(*preference.shape[:-1], 1)  # the same input for every preference
+
+
 class RewardHead(nn.Module):
     """z_RM over the frozen LM head: ``lm_head(h) + ΔW(w) h`` with a PBLoRA ΔW (never a copy of ``lm_head``).
 
@@ -57,7 +62,7 @@ class RewardHead(nn.Module):
     def _adapter_preference(self, preference: torch.Tensor) -> torch.Tensor:
         if self.preference_aware:
             return preference
-        return preference.new_ones(*preference.shape[:-1], 1)  # (B, 1): the same input for every preference
+        return constant_preference(preference)  # (B, 1)
 
     def forward(self, hidden: torch.Tensor, lm_logits: torch.Tensor, preference: torch.Tensor) -> torch.Tensor:
         """Reward logits ``(B, T, V)`` from hidden states ``(B, T, d)`` and the LM head's ``(B, T, V)``."""

@@ -17,7 +17,7 @@ import torch
 
 from ..files import atomic_write
 from ..generation import DualHeadDecoder
-from ..heads import ContextGate, GateCache
+from ..heads import ContextGate, GateCache, constant_preference
 from ..model import CONFIG_NAME, DualHeadModel
 from .arm import default_checkpoint, missing_checkpoint
 
@@ -39,8 +39,7 @@ class UnconditionedContextGate(ContextGate):
         cache: GateCache | None = None,
         last_only: bool = False,
     ) -> tuple[torch.Tensor, GateCache | None]:
-        constant = preference.new_ones(*preference.shape[:-1], 1)  # (B, 1): the same input for every preference
-        return super().forward(hidden, attention_mask, constant, cache, last_only)
+        return super().forward(hidden, attention_mask, constant_preference(preference), cache, last_only)
 
 
 class UnconditionedDualHeadModel(DualHeadModel):

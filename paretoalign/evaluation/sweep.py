@@ -111,27 +111,6 @@ def _prompts_from_records(records: list[dict], path: Path) -> list[str | list[di
     return prompts
 
 
-def _read_json_records(path: Path) -> list:
-    from ..data import _open_text
-
-    with _open_text(path) as handle:
-        text = handle.read()
-    if text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: line {error.lineno}: invalid JSON ({error.msg})") from None
-    records = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: line {number}: invalid JSON ({error.msg})") from None
-    return records
-
-
 def _split_prompts(spec: str) -> list[list[dict]]:
     """``split:test`` or ``split:test:harmlessness``: prompts of the vendored data's split (seed 0)."""
     from ..data import SPLIT_NAMES, load_default_pairs, split_pairs
@@ -166,7 +145,9 @@ def load_prompts(source: str | os.PathLike, limit: int | None = None) -> list[Sw
         if not path.is_file():
             raise FileNotFoundError(f"prompts file {text!r} does not exist")
         if path.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-            raw = _prompts_from_records(_read_json_records(path), path)
+            from ..data import read_json_values
+
+            raw = _prompts_from_records([value for _, value in read_json_values(path)], path)
         else:
             lines = path.read_text(encoding="utf-8").splitlines()
             raw = [line.strip() for line in lines if line.strip()]
