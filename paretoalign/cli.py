@@ -87,6 +87,9 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--feature-cache", default=None, help="where backbone features are cached")
     parser.add_argument("--include-pku", action="store_true", default=None, help="add PKU-SafeRLHF pairs (CC BY-NC 4.0)")
+    parser.add_argument(
+        "--reward-layers", type=int, default=None, help="k: the reward head re-runs the backbone's last k blocks (0: none)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=run_train)
 
@@ -99,6 +102,8 @@ def run_train(args: argparse.Namespace) -> int:
         "learning_rate": args.learning_rate, "max_train_pairs": args.max_train_pairs, "seed": args.seed,
         "feature_cache": args.feature_cache, "include_pku": args.include_pku,
     }
+    if args.reward_layers is not None:
+        overrides["model"] = {"reward_layers": args.reward_layers}
     config = TrainConfig.from_json(args.config or DEFAULT_TRAIN_CONFIG, **overrides)
     train(config, progress=not args.no_progress)
     print(f"saved the trained heads to {config.output_dir}/model")

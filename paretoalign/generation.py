@@ -71,18 +71,29 @@ class DualHeadDecoder:
     def __init__(self, model: DualHeadModel, fusion: str | None = None, strength: float | None = None):
         self.model, self.fusion, self.strength = model, fusion, strength
         self.cache: DynamicCache | None = None
+        self.branch_cache: DynamicCache | None = None  # the reward branch's blocks (reward_layers > 0)
         self.gate_cache: GateCache | None = None
         self.preference: torch.Tensor | None = None
 
     def _scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> StepOutput:
-        hidden = self.model.backbone_hidden(input_ids, attention_mask, self.cache)  # (B, T, d)
-        output, self.gate_cache = self.model.heads(
-            hidden, attention_mask, self.preference, self.gate_cache, last_only=True, fusion=self.fusion, strength=self.strength
+        model = self.model
+        hidden, block_hidden = model.backbone_states(input_ids, attention_mask, self.cache)  # (B, T, d) each
+        reward_hidden = model.reward_hidden(hidden, block_hidden, attention_mask, self.preference, self.branch_cache)  # (B, T, d)
+        output, self.gate_cache = model.heads(
+            hidden,
+            attention_mask,
+            self.preference,
+            self.gate_cache,
+            last_only=True,
+            fusion=self.fusion,
+            strength=self.strength,
+            reward_hidden=reward_hidden,
         )
         return StepOutput(output.logits[:, -1], output.gate[:, -1])  # (B, V), (B,)
 
     def start(self, input_ids, attention_mask, preference) -> StepOutput:
         self.cache = DynamicCache(config=self.model.backbone.config)
+        self.branch_cache = DynamicCache() if self.model.reward_branch is not None else None
         self.gate_cache, self.preference = None, preference
         return self._scores(input_ids, attention_mask)
 

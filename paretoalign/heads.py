@@ -1,13 +1,15 @@
-"""The two trainable heads over the backbone's final hidden state: the reward head and the context gate."""
+"""The trainable heads over the backbone: the reward head (with its optional reward branch) and the context gate."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import add_attention_pblora, bind_preference, decoder_stack, run_blocks
 from .pblora import PBLoRAConfig, PBLoRALinear
 
 REWARD_HEAD_KINDS = ("pblora", "hidden", "full_rank", "lora")
@@ -74,6 +76,65 @@ class RewardHead(nn.Module):
             shift = self.adapter.adapter_output(hidden, preference)  # (B, T, d)
             return lm_logits + lm_head(shift.to(lm_head.weight.dtype)).to(lm_logits.dtype)  # (B, T, V)
         return lm_logits + self.adapter.adapter_output(hidden, preference).to(lm_logits.dtype)  # (B, T, V)
+
+
+class RewardBranch(nn.Module):
+    """The reward head's own copy of the backbone's last ``k`` blocks, with PBLoRA on their attention projections.
+
+    ``h_RM = norm(blocks_{N-k..N-1}(H^{(N-k)}; w))``: the branch starts from the residual stream entering block
+    ``N - k`` (shared with the LM branch, which keeps the frozen blocks) and returns the state the reward head
+    reads instead of the backbone's final one. The adapters' ``lora_B`` start at zero, so an untrained branch
+    returns exactly the backbone's final hidden state. Extra decode cost: ``k`` of ``N`` blocks per token, with
+    the branch's own key/value cache.
+
+    The copied blocks stay frozen and are never saved (they are the backbone's weights); only the adapters train.
+    """
+
+    def __init__(self, backbone: nn.Module, layers: int, adapter: PBLoRAConfig, num_objectives: int, preference_aware: bool = True):
+        super().__init__()
+        stack = decoder_stack(backbone)
+        total = len(stack.layers)
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= total:
+            raise ValueError(f"reward_layers must be an integer in [1, {total}] for a {total}-block backbone, got {layers!r}")
+        self.first_layer = total - layers
+        self.preference_aware = preference_aware
+        self.blocks = nn.ModuleList(copy.deepcopy(block) for block in stack.layers[self.first_layer :]).requires_grad_(False)
+        for index, block in enumerate(self.blocks):
+            block.self_attn.layer_idx = index  # slots in the branch's own key/value cache
+        adapter_objectives = num_objectives if preference_aware else 1
+        add_attention_pblora(self.blocks, adapter.r1, adapter.r2, adapter_objectives, adapter.lora_alpha, self.first_layer)
+        self._stack = [stack]  # the backbone's (config, rotary embedding, final norm); a list keeps it out of this module
+        self.pass_fraction = layers / total  # of a backbone pass, per call (the sweep's cost accounting)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        preference: torch.Tensor,
+        past_key_values=None,
+        from_layer: int | None = None,
+    ) -> torch.Tensor:
+        """The reward head's hidden states ``(B, T, d)``.
+
+        Args:
+            hidden: ``(B, T, d)`` the residual stream entering block ``from_layer`` (default ``N - k``).
+            attention_mask: ``(B, P + T)`` over cached and new positions.
+            preference: ``(B, k)`` one preference per row.
+            past_key_values: the branch's own transformers cache (extended in place), or ``None``.
+            from_layer: a lower block (``<= N - k``) whose input ``hidden`` is; the frozen backbone blocks up to
+                ``N - k`` run first (a training cache of one lower layer serves every ``k`` up to ``N - layer``).
+        """
+        stack = self._stack[0]
+        from_layer = self.first_layer if from_layer is None else from_layer
+        if not 0 <= from_layer <= self.first_layer:
+            raise ValueError(f"from_layer must be in [0, {self.first_layer}] for a {len(self.blocks)}-block reward branch, got {from_layer!r}")
+        if from_layer < self.first_layer:
+            if past_key_values is not None:
+                raise ValueError("from_layer below the branch's first block is for training from a cache, not for decoding")
+            with torch.no_grad():
+                hidden = run_blocks(stack, stack.layers[from_layer : self.first_layer], hidden, attention_mask)  # (B, T, d)
+        bind_preference(self.blocks, preference if self.preference_aware else constant_preference(preference))
+        return stack.norm(run_blocks(stack, self.blocks, hidden, attention_mask, past_key_values))  # (B, T, d)
 
 
 @dataclass

@@ -13,9 +13,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .blocks import position_ids_from_mask
 from .backbone import DEFAULT_BACKBONE, load_backbone, tokenizer_fingerprint, weights_fingerprint
 from .files import atomic_write
-from .heads import REWARD_HEAD_KINDS, ContextGate, GateCache, RewardHead
+from .heads import REWARD_HEAD_KINDS, ContextGate, GateCache, RewardBranch, RewardHead
 from .pblora import PBLoRAConfig
 from .preference import DEFAULT_OBJECTIVES, preference_batch
 
@@ -42,6 +43,14 @@ class DualHeadConfig:
             "the frozen LM, DPO's implicit reward); 'none' is GenARM's literal R = sum_t log pi_r"
         },
     )
+    reward_layers: int = field(
+        default=0,
+        metadata={
+            "help": "k: the reward head reads its own re-run of the backbone's last k blocks (PBLoRA on their attention, "
+            "from the shared state at block N-k) instead of the final hidden state; 0 reads the final state. Extra "
+            "decode cost about k/N of a backbone pass"
+        },
+    )
     gate_size: int = field(default=256, metadata={"help": "width of the gate's attention"})
     gate_heads: int = field(default=4, metadata={"help": "attention heads in the gate (1: single-head ablation)"})
     gate_adapter: PBLoRAConfig = field(default_factory=lambda: PBLoRAConfig(r1=2, r2=4, lora_alpha=8.0))
@@ -65,6 +74,8 @@ class DualHeadConfig:
             raise ValueError(f"reward_head must be one of {REWARD_HEAD_KINDS}, got {self.reward_head!r}")
         if self.reward_baseline not in REWARD_BASELINES:
             raise ValueError(f"reward_baseline must be one of {REWARD_BASELINES}, got {self.reward_baseline!r}")
+        if isinstance(self.reward_layers, bool) or not isinstance(self.reward_layers, int) or self.reward_layers < 0:
+            raise ValueError(f"reward_layers must be an integer >= 0, got {self.reward_layers!r}")
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
         if self.gate_heads < 1 or self.gate_size < 1 or self.gate_size % self.gate_heads:
@@ -119,11 +130,6 @@ def fuse_logits(
     raise ValueError(f"fusion must be one of {FUSION_MODES}, got {fusion!r}")
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding: ``(B, T)`` mask -> ``(B, T)`` positions (pads get 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def backbone_hidden(backbone: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values=None) -> torch.Tensor:
     """Final hidden states ``(B, T, d)`` of ``backbone`` for new ids ``(B, T)`` under a ``(B, P + T)`` mask."""
     positions = position_ids_from_mask(attention_mask)[:, -input_ids.shape[1] :]  # (B, T)
@@ -173,6 +179,12 @@ class DualHeadModel(nn.Module):
         self.context_gate = ContextGate(
             config.hidden_size, config.gate_size, config.gate_heads, config.gate_adapter, config.num_objectives, config.fixed_gate
         )
+        self.reward_branch = None
+        if config.reward_layers:
+            preference_aware = config.reward_head != "lora"  # the preference-unaware ablation stays unaware throughout
+            self.reward_branch = RewardBranch(
+                backbone, config.reward_layers, config.reward_adapter, config.num_objectives, preference_aware
+            ).to(device)
         self.reward_head.to(device)
         self.context_gate.to(device)
 
@@ -201,6 +213,46 @@ class DualHeadModel(nn.Module):
         """
         return backbone_hidden(self.backbone, input_ids, attention_mask, past_key_values)
 
+    @property
+    def branch_layer(self) -> int | None:
+        """The block whose input the reward branch starts from (``N - reward_layers``), or ``None`` without a branch."""
+        return None if self.reward_branch is None else self.reward_branch.first_layer
+
+    def backbone_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One backbone pass: final hidden states ``(B, T, d)`` and, with a reward branch, the residual stream
+        entering block ``N - reward_layers`` ``(B, T, d)`` (else ``None``). Arguments as :meth:`backbone_hidden`."""
+        if self.reward_branch is None:
+            return self.backbone_hidden(input_ids, attention_mask, past_key_values), None
+        positions = position_ids_from_mask(attention_mask)[:, -input_ids.shape[1] :]  # (B, T)
+        out = self.backbone.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+            output_hidden_states=True,
+        )
+        return out.last_hidden_state, out.hidden_states[self.branch_layer]
+
+    def reward_hidden(
+        self,
+        hidden: torch.Tensor,
+        block_hidden: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+        preference: torch.Tensor,
+        branch_cache=None,
+        from_layer: int | None = None,
+    ) -> torch.Tensor:
+        """What the reward head reads: the branch's output from ``block_hidden`` (see :class:`RewardBranch`), or
+        the final hidden state ``hidden`` without a branch. Both ``(B, T, d)``."""
+        if self.reward_branch is None:
+            return hidden
+        if block_hidden is None:
+            raise ValueError(f"this model's reward branch needs the input of block {self.branch_layer} (block_hidden)")
+        return self.reward_branch(block_hidden, attention_mask, preference, branch_cache, from_layer)
+
     def heads(
         self,
         hidden: torch.Tensor,
@@ -210,13 +262,23 @@ class DualHeadModel(nn.Module):
         last_only: bool = False,
         fusion: str | None = None,
         strength: float | None = None,
+        reward_hidden: torch.Tensor | None = None,
     ) -> tuple[DualHeadOutput, GateCache | None]:
-        """Both heads and the fusion over hidden states ``(B, T, d)`` with a ``(B, k)`` preference."""
+        """Both heads and the fusion over hidden states ``(B, T, d)`` with a ``(B, k)`` preference.
+
+        ``reward_hidden`` ``(B, T, d)`` is what the reward head reads (:meth:`reward_hidden`); default ``hidden``.
+        """
         fusion = fusion or self.config.fusion
         strength = self.config.strength if strength is None else strength
+        reward_hidden = hidden if reward_hidden is None else reward_hidden
         hidden_out = hidden[:, -1:] if last_only else hidden  # (B, T', d)
+        reward_out = reward_hidden[:, -1:] if last_only else reward_hidden  # (B, T', d)
         lm_logits = self.backbone.get_output_embeddings()(hidden_out).float()  # (B, T', V)
-        reward_logits = self.reward_head(hidden_out.float(), lm_logits, preference)  # (B, T', V)
+        if reward_hidden is not hidden:  # the reward head's own read-out of the branch's state
+            reward_lm_logits = self.backbone.get_output_embeddings()(reward_out.to(hidden_out.dtype)).float()  # (B, T', V)
+        else:
+            reward_lm_logits = lm_logits
+        reward_logits = self.reward_head(reward_out.float(), reward_lm_logits, preference)  # (B, T', V)
         alpha, gate_cache = self.context_gate(hidden.float(), attention_mask, preference, gate_cache, last_only)  # (B, T')
         logits = fuse_logits(lm_logits, reward_logits, alpha, fusion, strength)  # (B, T', V)
         return DualHeadOutput(lm_logits, reward_logits, alpha, logits), gate_cache
@@ -241,8 +303,9 @@ class DualHeadModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         preference = self.preference_batch(preference, input_ids.shape[0])
-        hidden = self.backbone_hidden(input_ids, attention_mask)
-        output, _ = self.heads(hidden, attention_mask, preference, fusion=fusion, strength=strength)
+        hidden, block_hidden = self.backbone_states(input_ids, attention_mask)
+        reward_hidden = self.reward_hidden(hidden, block_hidden, attention_mask, preference)
+        output, _ = self.heads(hidden, attention_mask, preference, fusion=fusion, strength=strength, reward_hidden=reward_hidden)
         return output
 
     # ------------------------------------------------------------------ save / load

@@ -25,13 +25,37 @@ class PairBatch:
     input_ids: torch.Tensor  # (2B, T)
     attention_mask: torch.Tensor  # (2B, T)
     response_mask: torch.Tensor  # (2B, T)
+    block_hidden: torch.Tensor | None = None  # (2B, T, d) input of block ``block_layer``, for a reward branch
+    block_layer: int | None = None
 
     @property
     def num_pairs(self) -> int:
         return self.input_ids.shape[0] // 2
 
     def to(self, device) -> "PairBatch":
-        return PairBatch(*(t.to(device) for t in (self.hidden, self.input_ids, self.attention_mask, self.response_mask)))
+        tensors = (self.hidden, self.input_ids, self.attention_mask, self.response_mask)
+        block = None if self.block_hidden is None else self.block_hidden.to(device)
+        return PairBatch(*(t.to(device) for t in tensors), block, self.block_layer)
+
+
+def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along the batch, left-padding dimension 1 to the longest (zeros are padding everywhere here)."""
+    longest = max(t.shape[1] for t in tensors)
+    padded = []
+    for t in tensors:
+        pad = torch.zeros((t.shape[0], longest - t.shape[1], *t.shape[2:]), dtype=t.dtype, device=t.device)
+        padded.append(torch.cat([pad, t], dim=1))  # (b, T_max, ...)
+    return torch.cat(padded, dim=0)
+
+
+def join_pair_batches(batches: list[PairBatch]) -> PairBatch:
+    """One :class:`PairBatch` of several (one per objective), left-padded to the longest; rows keep their order."""
+    layers = {b.block_layer for b in batches}
+    if len(layers) != 1 or len({b.block_hidden is None for b in batches}) != 1:
+        raise ValueError("batches to join must all carry block states of the same layer, or none")
+    names = ("hidden", "input_ids", "attention_mask", "response_mask")
+    block = None if batches[0].block_hidden is None else _pad_cat([b.block_hidden for b in batches])
+    return PairBatch(*(_pad_cat([getattr(b, name) for b in batches]) for name in names), block, layers.pop())
 
 
 @dataclass
@@ -68,9 +92,17 @@ def score_pairs(
     """
     labels, mask = next_token_targets(batch.input_ids, batch.response_mask)  # (2B, T-1), (2B, T-1)
     rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,): logits at position t predict token t + 1
+    lm_head = model.backbone.get_output_embeddings()
     selected = batch.hidden[rows, cols]  # (N, d)
-    lm_logits = model.backbone.get_output_embeddings()(selected).float()  # (N, V)
-    reward_logits = model.reward_head(selected.float()[:, None], lm_logits[:, None], preference[rows])[:, 0]  # (N, V)
+    lm_logits = lm_head(selected).float()  # (N, V)
+    reward_lm_logits, reward_selected = lm_logits, selected
+    if model.reward_branch is not None:
+        branch = model.reward_hidden(
+            batch.hidden, batch.block_hidden, batch.attention_mask, preference, from_layer=batch.block_layer
+        )  # (2B, T, d)
+        reward_selected = branch[rows, cols]  # (N, d)
+        reward_lm_logits = lm_head(reward_selected.to(selected.dtype)).float()  # (N, V)
+    reward_logits = model.reward_head(reward_selected.float()[:, None], reward_lm_logits[:, None], preference[rows])[:, 0]  # (N, V)
     targets = labels[rows, cols]  # (N,)
     reward_token_logprobs = label_logprobs(reward_logits, targets)  # (N,)
     if model.config.reward_baseline == "backbone":
@@ -115,7 +147,8 @@ def arm_accuracy(
         input_ids = torch.cat([encoded[f"{side}_input_ids"] for side in sides]).to(model.device)  # (2B, T)
         attention_mask = torch.cat([encoded[f"{side}_attention_mask"] for side in sides]).to(model.device)  # (2B, T)
         response_mask = torch.cat([encoded[f"{side}_response_mask"] for side in sides]).to(model.device)  # (2B, T)
-        batch = PairBatch(model.backbone_hidden(input_ids, attention_mask), input_ids, attention_mask, response_mask)
+        hidden, block_hidden = model.backbone_states(input_ids, attention_mask)  # (2B, T, d) each (block: or None)
+        batch = PairBatch(hidden, input_ids, attention_mask, response_mask, block_hidden, model.branch_layer)
         for index, preference in enumerate(preferences):
             rows = model.preference_batch(preference, input_ids.shape[0])  # (2B, k)
             chosen, rejected = score_pairs(model, batch, rows, fused=False).chosen_and_rejected()

@@ -31,7 +31,7 @@ from .features import FeatureCache, build_feature_cache
 from .files import atomic_write
 from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss, sample_preference
 from .model import DualHeadConfig, DualHeadModel
-from .objective import PairBatch, score_pairs
+from .objective import PairBatch, join_pair_batches, score_pairs
 from .preference import DEFAULT_OBJECTIVES
 
 logger = logging.getLogger(__name__)
@@ -76,9 +76,20 @@ class TrainConfig:
     eval_every: int = field(default=100, metadata={"help": "steps between validation passes"})
     feature_cache: str | None = field(default=None, metadata={"help": "feature cache folder (default: the user cache)"})
     max_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per backbone batch while caching"})
+    block_cache_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "with model.reward_layers = k: cache the input of this block (default N - k); a lower block lets runs "
+            "with different k share one cache (the frozen blocks in between run every step)"
+        },
+    )
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
+        if self.block_cache_layer is not None and (
+            isinstance(self.block_cache_layer, bool) or not isinstance(self.block_cache_layer, int) or self.block_cache_layer < 0
+        ):
+            raise ValueError(f"block_cache_layer must be an integer >= 0 or null, got {self.block_cache_layer!r}")
         positive = ("steps", "batch_pairs", "max_length", "max_prompt_length", "checkpoint_every", "eval_every", "max_eval_pairs")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -104,7 +115,10 @@ class TrainConfig:
     def from_json(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
         """Read a JSON config; ``"extends": "other.json"`` (relative to the file) supplies defaults first."""
         data = _read_config_chain(Path(path))
-        data.update({k: v for k, v in overrides.items() if v is not None})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "model" in overrides:  # model settings merge into the file's, like an ``extends`` chain
+            overrides["model"] = {**data.get("model", {}), **overrides["model"]}
+        data.update(overrides)
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown train config fields {unknown} in {str(path)!r}")
@@ -145,6 +159,12 @@ class PreparedData:
     cache: FeatureCache
     train: dict[str, PairIndex]
     validation: dict[str, PairIndex]
+    block_cache: FeatureCache | None = None  # the same sequences' input of block ``block_layer`` (reward branch)
+    block_layer: int | None = None
+
+    def collate(self, index: PairIndex, pair_ids: np.ndarray) -> PairBatch:
+        """The pairs ``pair_ids`` of ``index`` as a :class:`PairBatch`, with the block states when cached."""
+        return collate_pairs(self.cache, index, pair_ids, self.block_cache, self.block_layer)
 
 
 def _subsample(pairs: list[PreferencePair], limit: int | None, seed: int) -> list[PreferencePair]:
@@ -184,16 +204,34 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
             indices[split][objective] = add_pair_sequences(collator, chosen_pairs, sequences)
     root = Path(config.feature_cache) if config.feature_cache else cache_dir() / "features"
     cache = build_feature_cache(model, sequences, root, config.max_batch_tokens, progress)
-    return PreparedData(cache, indices["train"], indices["validation"])
+    block_cache, block_layer = None, None
+    if model.reward_branch is not None:
+        block_layer = model.branch_layer if config.block_cache_layer is None else config.block_cache_layer
+        if block_layer > model.branch_layer:
+            raise ValueError(
+                f"block_cache_layer must be at most {model.branch_layer} (N - reward_layers), got {config.block_cache_layer!r}"
+            )
+        block_cache = build_feature_cache(model, sequences, root, config.max_batch_tokens, progress, layer=block_layer)
+    return PreparedData(cache, indices["train"], indices["validation"], block_cache, block_layer)
 
 
-def collate_pairs(cache: FeatureCache, index: PairIndex, pair_ids: np.ndarray) -> PairBatch:
-    """Left-padded :class:`PairBatch` of the chosen then the rejected sequences of ``pair_ids``."""
+def collate_pairs(
+    cache: FeatureCache,
+    index: PairIndex,
+    pair_ids: np.ndarray,
+    block_cache: FeatureCache | None = None,
+    block_layer: int | None = None,
+) -> PairBatch:
+    """Left-padded :class:`PairBatch` of the chosen then the rejected sequences of ``pair_ids``.
+
+    ``block_cache`` (the same sequences' input of block ``block_layer``) fills ``block_hidden``.
+    """
     rows = np.concatenate([index.chosen[pair_ids], index.rejected[pair_ids]])  # (2B,)
     prompt_lengths = np.concatenate([index.prompt_length[pair_ids]] * 2)  # (2B,)
     lengths = [int(cache.offsets[r + 1] - cache.offsets[r]) for r in rows]
     longest, width = max(lengths), cache.hidden.shape[1]
     hidden = torch.zeros(len(rows), longest, width)  # (2B, T, d)
+    block_hidden = None if block_cache is None else torch.zeros(len(rows), longest, width)  # (2B, T, d)
     input_ids = torch.zeros(len(rows), longest, dtype=torch.long)  # (2B, T)
     attention_mask = torch.zeros(len(rows), longest, dtype=torch.long)  # (2B, T)
     response_mask = torch.zeros(len(rows), longest, dtype=torch.long)  # (2B, T)
@@ -202,9 +240,14 @@ def collate_pairs(cache: FeatureCache, index: PairIndex, pair_ids: np.ndarray) -
         start = longest - length
         input_ids[i, start:] = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
         hidden[i, start:] = torch.from_numpy(np.asarray(states, dtype=np.float32))
+        if block_hidden is not None:
+            block_tokens, block_states = block_cache.sequence(int(row))
+            if not np.array_equal(block_tokens, tokens):
+                raise ValueError(f"feature caches {cache.directory} and {block_cache.directory} hold different sequences")
+            block_hidden[i, start:] = torch.from_numpy(np.asarray(block_states, dtype=np.float32))
         attention_mask[i, start:] = 1
         response_mask[i, start + int(prompt_length) :] = 1
-    return PairBatch(hidden, input_ids, attention_mask, response_mask)
+    return PairBatch(hidden, input_ids, attention_mask, response_mask, block_hidden, block_layer)
 
 
 def batch_pair_ids(num_pairs: int, batch_size: int, step: int, seed: int, stream: int) -> np.ndarray:
@@ -226,7 +269,7 @@ def step_preference(num_objectives: int, step: int, seed: int, concentration: fl
 
 def training_loss(model: DualHeadModel, batches: list[PairBatch], preference: torch.Tensor, config: TrainConfig):
     """The total loss for one step and its parts: one heads pass over every objective's pairs."""
-    joined = PairBatch(*(_pad_cat([getattr(b, name) for b in batches]) for name in ("hidden", "input_ids", "attention_mask", "response_mask")))
+    joined = join_pair_batches(batches)
     rows = joined.input_ids.shape[0]
     scores = score_pairs(
         model, joined, preference.to(joined.hidden.device).expand(rows, -1), reward_grad_from_fusion=config.lm_loss_trains_reward_head
@@ -251,16 +294,6 @@ def training_loss(model: DualHeadModel, batches: list[PairBatch], preference: to
     return total, stats
 
 
-def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate along the batch, left-padding dimension 1 to the longest (zeros are padding everywhere here)."""
-    longest = max(t.shape[1] for t in tensors)
-    padded = []
-    for t in tensors:
-        pad = torch.zeros((t.shape[0], longest - t.shape[1], *t.shape[2:]), dtype=t.dtype, device=t.device)
-        padded.append(torch.cat([pad, t], dim=1))  # (b, T_max, ...)
-    return torch.cat(padded, dim=0)
-
-
 @torch.no_grad()
 def evaluate(model: DualHeadModel, data: PreparedData, config: TrainConfig, preferences=None, batch_pairs: int = 16) -> dict:
     """Validation ARM accuracy per objective at each preference (default: one-hot and uniform)."""
@@ -273,7 +306,7 @@ def evaluate(model: DualHeadModel, data: PreparedData, config: TrainConfig, pref
             correct = 0
             for start in range(0, len(index.chosen), batch_pairs):
                 ids = np.arange(start, min(start + batch_pairs, len(index.chosen)))
-                batch = collate_pairs(data.cache, index, ids).to(model.device)
+                batch = data.collate(index, ids).to(model.device)
                 rows = torch.tensor(preference, device=model.device).expand(batch.input_ids.shape[0], -1)
                 chosen, rejected = score_pairs(model, batch, rows, fused=False).chosen_and_rejected()
                 correct += int((chosen > rejected).sum())
@@ -388,7 +421,7 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
         for stream, objective in enumerate(config.objectives):
             index = data.train[objective]
             ids = batch_pair_ids(len(index.chosen), config.batch_pairs, step, config.seed, stream)
-            batches.append(collate_pairs(data.cache, index, ids[rank::world]).to(model.device))
+            batches.append(data.collate(index, ids[rank::world]).to(model.device))
         loss, stats = training_loss(model, batches, preference, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

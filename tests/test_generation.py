@@ -144,3 +144,16 @@ def test_bad_prompts_and_preferences(make_model):
         generate(model, PROMPTS, [[1.0, 0.0], [0.0, 1.0]])
     with pytest.raises(ValueError, match="must be non-negative"):
         generate(model, "Hi", [1.5, -0.5])
+
+
+def test_reward_branch_decodes_with_its_cache_like_a_full_forward(make_model, tokenizer):
+    model = make_model(reward_layers=2, strength=3.0)
+    preference = torch.tensor([0.8, 0.2])
+    results = generate(model, PROMPTS[:2], preference, max_new_tokens=8, temperature=0)
+    assert results[0].token_ids != generate(make_model(randomize=False), PROMPTS[0], preference, max_new_tokens=8, temperature=0)[0].token_ids
+    for result in results:
+        prompt_ids = tokenizer(result.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        full_ids = torch.cat([prompt_ids, torch.tensor([result.token_ids])], dim=1)
+        out = model(full_ids, preference=preference)
+        start = prompt_ids.shape[1] - 1
+        assert out.logits[0, start : start + len(result.token_ids)].argmax(-1).tolist() == result.token_ids

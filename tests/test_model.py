@@ -193,3 +193,53 @@ def test_bad_inputs_raise_clear_errors(make_model, tokenizer, tmp_path):
         DualHeadModel.from_pretrained(tmp_path / "missing")
     with pytest.raises(ValueError, match="unknown DualHeadConfig fields \\['colour'\\]"):
         DualHeadConfig.from_dict({"colour": "red"})
+
+
+# ---------------------------------------------------------------------------------------------- reward branch (reward_layers)
+
+
+def test_untrained_reward_branch_reproduces_the_backbone(make_model, tokenizer):
+    model = make_model(randomize=False, reward_layers=1)
+    input_ids, mask = encode(tokenizer, ["How do I pick a lock?", "Hello"])
+    out = model(input_ids, mask, preference=torch.tensor([0.2, 0.8]))
+    real = mask.bool()
+    torch.testing.assert_close(out.reward_logits[real], out.lm_logits[real], rtol=1e-5, atol=1e-5)
+
+
+def test_reward_branch_steers_by_preference_and_saves_adapters_only(make_model, tokenizer, backbone, tmp_path):
+    model = make_model(reward_layers=2)
+    input_ids, mask = encode(tokenizer, ["How do I pick a lock?", "Hello"])
+    a = model(input_ids, mask, preference=torch.tensor([1.0, 0.0]))
+    b = model(input_ids, mask, preference=torch.tensor([0.0, 1.0]))
+    real = mask.bool()
+    assert not torch.allclose(a.reward_logits[real], b.reward_logits[real])
+    torch.testing.assert_close(a.lm_logits, b.lm_logits)  # the LM branch keeps the frozen blocks
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / WEIGHTS_NAME)
+    branch = {name for name in saved if name.startswith("reward_branch.")}
+    assert branch and all(".lora_" in name for name in branch)  # the copied blocks are the backbone's: never saved
+    loaded = DualHeadModel.from_pretrained(tmp_path, backbone=backbone, tokenizer=tokenizer)
+    torch.testing.assert_close(loaded(input_ids, mask, preference=torch.tensor([1.0, 0.0])).reward_logits, a.reward_logits)
+
+
+def test_reward_branch_from_a_lower_block_equals_the_branch_from_its_own(make_model, tokenizer):
+    from paretoalign.features import block_input
+
+    model = make_model(reward_layers=1)
+    input_ids, mask = encode(tokenizer, ["How do I pick a lock?", "Hello there, friend"])
+    preference = torch.tensor([[0.3, 0.7], [0.9, 0.1]])
+    hidden, own = model.backbone_states(input_ids, mask)
+    torch.testing.assert_close(own, block_input(model.backbone, input_ids, mask, 1))
+    lower = block_input(model.backbone, input_ids, mask, 0)
+    real = mask.bool()
+    expected = model.reward_hidden(hidden, own, mask, preference)
+    torch.testing.assert_close(model.reward_hidden(hidden, lower, mask, preference, from_layer=0)[real], expected[real], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="from_layer"):
+        model.reward_hidden(hidden, lower, mask, preference, from_layer=2)
+
+
+def test_reward_layers_is_validated(make_model):
+    with pytest.raises(ValueError, match="reward_layers"):
+        DualHeadConfig(reward_layers=-1)
+    with pytest.raises(ValueError, match=r"reward_layers must be an integer in \[1, 2\].*got 3"):
+        make_model(reward_layers=3)

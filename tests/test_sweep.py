@@ -334,3 +334,10 @@ def test_cli_sweep_then_report(make_model, backbone, tokenizer, prompts_file, tm
     printed = json.loads(capsys.readouterr().out)
     assert set(printed["methods"]) == {"dualhead", "base"}
     assert all(math.isfinite(m["tokens_per_s"]) and m["model_passes_per_token"] == 1.0 for m in printed["methods"].values())
+
+
+def test_a_reward_branch_counts_as_its_share_of_a_backbone_pass(make_model, prompts_file, tmp_path):
+    model = make_model(reward_layers=1)  # 1 of the tiny backbone's 2 blocks, re-run per token
+    run_sweep(sweep_config(prompts_file, tmp_path, methods=["dualhead"]), model=model, scorer=CharacterScorer(), progress=False)
+    rows = read_results(tmp_path / sweep.RESULTS_NAME)
+    assert rows and all(row["model_passes_per_token"] == pytest.approx(1.5) for row in rows)

@@ -133,6 +133,15 @@ def test_bad_train_config_names_the_value(small_data, tmp_path):
     path.write_text(json.dumps({"stpes": 3}))
     with pytest.raises(ValueError, match="unknown train config fields \\['stpes'\\]"):
         TrainConfig.from_json(path)
+    with pytest.raises(ValueError, match="block_cache_layer must be an integer >= 0 or null, got -2"):
+        make_config(small_data, tmp_path, block_cache_layer=-2)
+
+
+def test_model_overrides_merge_into_the_config_file(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"model": {"gate_heads": 2, "gate_size": 16}}))
+    config = TrainConfig.from_json(path, model={"reward_layers": 2}, steps=None)
+    assert config.model == {"gate_heads": 2, "gate_size": 16, "reward_layers": 2} and config.steps == 300
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").rglob("*.json")), ids=lambda p: p.stem)
@@ -166,3 +175,40 @@ def test_export_ships_weights_log_accuracy_and_card(backbone, tokenizer, small_d
     assert "Held-out accuracy" in card and f"{results['helpfulness'][0]['accuracy']:.3f}" in card
     reloaded = DualHeadModel.from_pretrained(shipped)
     assert reloaded.config.backbone == str(backbone_dir)
+
+
+def test_reward_branch_trains_from_a_cache_of_a_lower_block(backbone, tokenizer, small_data, tmp_path):
+    from conftest import randomize_adapters
+
+    from paretoalign.objective import PairBatch, score_pairs
+
+    config = make_config(
+        small_data, tmp_path, steps=4, checkpoint_every=4, eval_every=4, block_cache_layer=0,
+        model={"gate_size": 16, "gate_heads": 2, "reward_layers": 1},
+    )
+    model = fresh_model(backbone, tokenizer, config)
+    data = prepare_data(config, model, progress=False)
+    assert data.block_layer == 0 and len(data.block_cache) == len(data.cache)
+    randomize_adapters(model)
+    index = data.validation["helpfulness"]
+    cached = data.collate(index, np.arange(len(index.chosen)))
+    hidden, block = model.backbone_states(cached.input_ids, cached.attention_mask)  # a full pass: branch from block 1
+    direct = PairBatch(hidden, cached.input_ids, cached.attention_mask, cached.response_mask, block, model.branch_layer)
+    rows = torch.tensor([1.0, 0.0]).expand(cached.input_ids.shape[0], -1)
+    with torch.no_grad():
+        from_cache = score_pairs(model, cached, rows, fused=False).rewards
+        from_backbone = score_pairs(model, direct, rows, fused=False).rewards
+    torch.testing.assert_close(from_cache, from_backbone, rtol=1e-2, atol=1e-2)  # the cache stores float16
+    assert not torch.allclose(from_cache, torch.zeros_like(from_cache))
+
+    before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    train(config, model, progress=False)
+    changed = {name for name, value in model.trainable_state_dict().items() if not torch.equal(value, before[name])}
+    assert any(name.startswith("reward_branch.") for name in changed)
+    assert all(not p.requires_grad for name, p in model.reward_branch.named_parameters() if ".lora_" not in name)
+
+
+def test_block_cache_layer_above_the_branch_is_refused(backbone, tokenizer, small_data, tmp_path):
+    config = make_config(small_data, tmp_path, block_cache_layer=2, model={"gate_size": 16, "gate_heads": 2, "reward_layers": 1})
+    with pytest.raises(ValueError, match="block_cache_layer must be at most 1"):
+        prepare_data(config, fresh_model(backbone, tokenizer, config), progress=False)

@@ -27,15 +27,22 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..backbone import tokenizer_fingerprint, weights_fingerprint
+from ..blocks import (  # noqa: F401  (BoundPBLoRALinear, bind_preference, causal_lm: part of this module's API)
+    ATTENTION_PROJECTIONS,
+    BoundPBLoRALinear,
+    add_attention_pblora,
+    bind_preference,
+    causal_lm,
+    decoder_stack,
+    run_blocks,
+)
 from ..files import atomic_write
 from ..losses import label_logprobs, next_token_targets
-from ..model import position_ids_from_mask
 from ..objective import PairBatch
-from ..pblora import PBLoRAConfig, PBLoRALinear
+from ..pblora import PBLoRAConfig
 
 ARM_METHODS = ("genarm", "parm")
 BASELINE_METHODS = (*ARM_METHODS, "dualhead-unconditioned")
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 CONFIG_NAME = "arm_config.json"
 PBLORA_WEIGHTS_NAME = "pblora_adapter.safetensors"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # peft's own file name (save_pretrained)
@@ -194,20 +201,6 @@ class ARMConfig:
 # ---------------------------------------------------------------------------------------------- the top blocks
 
 
-def causal_lm(arm: nn.Module) -> nn.Module:
-    """The transformers causal LM inside ``arm`` (a peft model's base model, or ``arm`` itself)."""
-    return arm.get_base_model() if hasattr(arm, "get_base_model") else arm
-
-
-def decoder_stack(arm: nn.Module) -> nn.Module:
-    """The block stack of a Llama-style causal LM (``layers``, ``norm``, ``rotary_emb``), e.g. ``LlamaModel``."""
-    stack = causal_lm(arm).base_model
-    missing = [name for name in ("layers", "norm", "rotary_emb") if not hasattr(stack, name)]
-    if missing:
-        raise TypeError(f"{type(stack).__name__} has no {missing}: ARMs need a Llama-style decoder (layers, norm, rotary_emb)")
-    return stack
-
-
 def top_blocks_hidden(arm: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, first_layer: int) -> torch.Tensor:
     """Final hidden states from the input of block ``first_layer``: the blocks from there up, then the final norm.
 
@@ -221,19 +214,8 @@ def top_blocks_hidden(arm: nn.Module, hidden: torch.Tensor, attention_mask: torc
     Returns:
         ``(B, T, d)``.
     """
-    from transformers.masking_utils import create_causal_mask
-
     stack = decoder_stack(arm)
-    hidden = hidden.to(stack.norm.weight.dtype)
-    positions = position_ids_from_mask(attention_mask)  # (B, T)
-    mask = create_causal_mask(
-        config=stack.config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None, position_ids=positions
-    )
-    rotary = stack.rotary_emb(hidden, position_ids=positions)  # (cos, sin), each (B, T, head_dim)
-    for block in stack.layers[first_layer:]:
-        hidden = block(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # (B, T, d); older transformers return a tuple
-    return stack.norm(hidden)  # (B, T, d)
+    return stack.norm(run_blocks(stack, stack.layers[first_layer:], hidden, attention_mask))  # (B, T, d)
 
 
 def sequence_rewards(arm: nn.Module, batch: PairBatch, first_layer: int) -> torch.Tensor:
@@ -292,50 +274,13 @@ def lora_config(config: ARMConfig):
     )
 
 
-class BoundPBLoRALinear(PBLoRALinear):
-    """A :class:`~paretoalign.pblora.PBLoRALinear` whose preference is bound before the forward pass.
-
-    Attention modules call their projections as ``proj(x)``; :func:`bind_preference` sets the ``(k,)`` or ``(B, k)``
-    preference that every such call then uses, for the whole prompt and each decoding step after it.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.bound_preference: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor, preference: torch.Tensor | None = None) -> torch.Tensor:
-        preference = self.bound_preference if preference is None else preference
-        if preference is None:
-            raise RuntimeError("no preference is bound to this PBLoRA layer; call bind_preference(model, preference) first")
-        return super().forward(x, preference)
-
-
 def add_pblora(model: nn.Module, config: ARMConfig) -> nn.Module:
     """Wrap (in place) the attention projections of the top ``config.layers`` blocks of ``model`` in
     :class:`BoundPBLoRALinear`; returns ``model``. Their ``lora_B`` start at zero, so ``model`` still computes the backbone."""
-    stack = decoder_stack(model)
     settings = config.adapter
-    for index in range(config.first_layer, config.num_hidden_layers):
-        attention = getattr(stack.layers[index], "self_attn", None)
-        missing = [name for name in ATTENTION_PROJECTIONS if not isinstance(getattr(attention, name, None), nn.Linear)]
-        if missing:
-            raise TypeError(f"block {index} has no nn.Linear attention projections {missing} under self_attn to adapt")
-        for name in ATTENTION_PROJECTIONS:
-            base = getattr(attention, name)
-            setattr(
-                attention, name, BoundPBLoRALinear(base, settings.r1, settings.r2, len(config.objectives), settings.lora_alpha)
-            )
+    blocks = decoder_stack(model).layers[config.first_layer :]
+    add_attention_pblora(blocks, settings.r1, settings.r2, len(config.objectives), settings.lora_alpha, config.first_layer)
     return model
-
-
-def bind_preference(model: nn.Module, preference: torch.Tensor) -> None:
-    """Condition every :class:`BoundPBLoRALinear` of ``model`` on ``preference``, ``(k,)`` or ``(B, k)`` (one per row)."""
-    layers = [module for module in model.modules() if isinstance(module, BoundPBLoRALinear)]
-    if not layers:
-        raise ValueError("model has no PBLoRA layers to bind a preference to")
-    preference = layers[0]._check_preference(preference)  # validated once: a point of the simplex per row
-    for layer in layers:
-        layer.bound_preference = preference
 
 
 def adapter_parameters(arm: nn.Module) -> dict[str, nn.Parameter]:

@@ -31,12 +31,11 @@ from ..features import build_feature_cache
 from ..files import atomic_write
 from ..losses import arm_preference_loss
 from ..model import DualHeadConfig, DualHeadModel
-from ..objective import PairBatch
+from ..objective import PairBatch, join_pair_batches
 from ..preference import DEFAULT_OBJECTIVES
 from ..train import (  # the Dual-Head trainer's pairs, batches and preferences: every method learns from the same data
     PreparedData,
     _append_log,
-    _pad_cat,
     _subsample,
     _truncate_log,
     add_pair_sequences,
@@ -188,9 +187,7 @@ def arm_training_loss(arm, arm_config: ARMConfig, batches: list[PairBatch], pref
     """
     if arm_config.method == "parm":
         bind_preference(arm, preference)
-    joined = PairBatch(
-        *(_pad_cat([getattr(b, name) for b in batches]) for name in ("hidden", "input_ids", "attention_mask", "response_mask"))
-    )
+    joined = join_pair_batches(batches)
     rewards = sequence_rewards(arm, joined, arm_config.first_layer)  # rows: [c_1, r_1, c_2, r_2, ...]
     losses, stats, start = [], {}, 0
     for name, batch in zip(arm_config.objectives, batches):

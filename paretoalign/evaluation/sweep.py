@@ -19,7 +19,7 @@ Row schema of ``results.jsonl``::
 ``seconds`` is the row's share of its batch's generation time (batch seconds / rows in the batch), so
 summed tokens over summed seconds is the method's throughput; scoring time is not included.
 ``model_passes_per_token`` counts calls of the outermost transformers models held in the decoder's
-attributes, plus the batched passes of models the decoder calls itself and reports as ``scorer_passes``
+attributes (a module with a ``pass_fraction``, like the Dual-Head's reward branch, counts as that fraction), plus the batched passes of models the decoder calls itself and reports as ``scorer_passes``
 (ARGS's reward scorer), per decoding step of the batch (``null`` when the counter sees no model).
 """
 
@@ -347,7 +347,7 @@ class ModelPassCounter:
         for value in vars(decoder).values():
             if isinstance(value, torch.nn.Module):
                 for module in value.modules():
-                    if isinstance(module, PreTrainedModel):
+                    if isinstance(module, PreTrainedModel) or hasattr(module, "pass_fraction"):
                         models[id(module)] = module
         self.models = list(models.values())
         self._decoder, self._scorer_start = decoder, 0
@@ -357,7 +357,8 @@ class ModelPassCounter:
 
     def _enter(self, module, args):
         if self._depth == 0:
-            self.passes += 1
+            # a part of a model run on its own (the Dual-Head's reward branch: k of N blocks) counts as that part
+            self.passes += getattr(module, "pass_fraction", 1)
         self._depth += 1
 
     def _exit(self, module, args, output):
