@@ -60,6 +60,19 @@ def _reward_definition(model_config: dict) -> str:
     return "R = Σ_t log π_r(y_t | x, y_<t)."
 
 
+def _reward_input(model_config: dict) -> str:
+    k = model_config.get("reward_layers", 0)
+    if not k:
+        return "The reward head reads the backbone's final hidden state (`reward_layers` 0)."
+    adapter = model_config["reward_adapter"]
+    return (
+        f"The reward head reads its own re-run of the backbone's last {k} blocks (`reward_layers` {k}): copies of "
+        f"those blocks with PBLoRA (r1={adapter['r1']}, r2={adapter['r2']}, alpha={adapter['lora_alpha']}) on their "
+        "q/k/v/o projections, from the residual stream the LM branch computes anyway, with their own KV cache when "
+        f"decoding (about {k} blocks' worth of extra compute per token; `benchmarks/reward_layers_cost.py` measures it)."
+    )
+
+
 def write_model_card(run_dir: Path, checkpoint_dir: Path, results: dict) -> str:
     config = json.loads((run_dir / "train_config.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -103,6 +116,7 @@ Backbone features were cached once ({summary.get('feature_seconds', 0) / 60:.1f}
 Heads: reward head `{model_config['reward_head']}` with PBLoRA r1={model_config['reward_adapter']['r1']},
 r2={model_config['reward_adapter']['r2']}, alpha={model_config['reward_adapter']['lora_alpha']}; gate width {model_config['gate_size']},
 {model_config['gate_heads']} heads, PBLoRA r1={model_config['gate_adapter']['r1']}, r2={model_config['gate_adapter']['r2']}.
+{_reward_input(model_config)}
 
 Validation during training (200 pairs per objective unless stated in the config):
 
@@ -112,8 +126,7 @@ The full log is `training_log.jsonl`; the exact configuration is `train_config.j
 
 ## Limits
 
-The backbone is a 135M-parameter model quantised to 4 bits; the reward head sees only its final hidden state.
-Preference data are HH-RLHF's test splits (the train splits were not available offline), so the reward head
+The backbone is a 135M-parameter model quantised to 4 bits. Preference data are HH-RLHF's test splits (the train splits were not available offline), so the reward head
 learned from a few thousand pairs. Scores from this head are not a substitute for a real reward model.
 """
     return card

@@ -57,6 +57,10 @@ class TrainConfig:
     steps: int = field(default=300, metadata={"help": "optimizer steps"})
     batch_pairs: int = field(default=8, metadata={"help": "pairs per objective per step"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
+    reward_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "peak learning rate of the reward head and branch (default: learning_rate; the gate keeps learning_rate)"},
+    )
     weight_decay: float = field(default=0.0)
     adam_betas: tuple[float, float] = field(default=(0.9, 0.999))
     warmup_steps: int = field(default=30)
@@ -94,6 +98,8 @@ class TrainConfig:
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.reward_learning_rate is not None and not self.reward_learning_rate > 0:
+            raise ValueError(f"reward_learning_rate must be > 0 or null, got {self.reward_learning_rate!r}")
         for name in ("learning_rate", "beta_r", "dirichlet_concentration"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -319,6 +325,17 @@ def evaluate(model: DualHeadModel, data: PreparedData, config: TrainConfig, pref
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
+def parameter_groups(model: DualHeadModel, config: TrainConfig) -> list[dict]:
+    """AdamW groups: the reward head and branch at ``reward_learning_rate`` (when set), everything else at ``learning_rate``."""
+    reward_lr = config.reward_learning_rate or config.learning_rate
+    reward, other = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (reward if name.startswith(("reward_head.", "reward_branch.")) else other).append(parameter)
+    groups = [{"params": reward, "lr": reward_lr}, {"params": other, "lr": config.learning_rate}]
+    return [group for group in groups if group["params"]]
+
+
 def save_training_state(directory: Path, model: DualHeadModel, optimizer, scheduler, step: int) -> None:
     """A resumable checkpoint: trainable weights, AdamW moments (safetensors) and counters (JSON)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -402,7 +419,9 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
         data = prepare_data(config, model, progress and accelerator.is_main_process)
     feature_seconds = time.time() - prepared_at
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=config.adam_betas, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config), lr=config.learning_rate, betas=config.adam_betas, weight_decay=config.weight_decay
+    )
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     state_dir, log_path = output / "checkpoint", output / "training_log.jsonl"
     start = load_training_state(state_dir, model, optimizer, scheduler) if (state_dir / "trainer_state.json").is_file() else 0
@@ -433,7 +452,8 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
         optimizer.step()
         scheduler.step()
         done = step + 1
-        record = {"step": done, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "preference": preference.tolist(), **stats}
+        rates = scheduler.get_last_lr()  # [reward head and branch, the rest] (one entry when a group is empty)
+        record = {"step": done, "lr": rates[-1], "reward_lr": rates[0], "grad_norm": float(grad_norm), "preference": preference.tolist(), **stats}
         if done % config.eval_every == 0 or done == config.steps:
             final_eval = evaluate(model, data, config)
             record.update(final_eval)

@@ -212,3 +212,21 @@ def test_block_cache_layer_above_the_branch_is_refused(backbone, tokenizer, smal
     config = make_config(small_data, tmp_path, block_cache_layer=2, model={"gate_size": 16, "gate_heads": 2, "reward_layers": 1})
     with pytest.raises(ValueError, match="block_cache_layer must be at most 1"):
         prepare_data(config, fresh_model(backbone, tokenizer, config), progress=False)
+
+
+def test_reward_learning_rate_applies_to_the_reward_head_and_branch_only(backbone, tokenizer, small_data, tmp_path):
+    from paretoalign.train import parameter_groups
+
+    config = make_config(
+        small_data, tmp_path, learning_rate=1e-3, reward_learning_rate=5e-3,
+        model={"gate_size": 16, "gate_heads": 2, "reward_layers": 1},
+    )
+    model = fresh_model(backbone, tokenizer, config)
+    reward, other = parameter_groups(model, config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert reward["lr"] == 5e-3 and other["lr"] == 1e-3
+    assert {names[id(p)].split(".")[0] for p in reward["params"]} == {"reward_head", "reward_branch"}
+    assert {names[id(p)].split(".")[0] for p in other["params"]} == {"context_gate"}
+    assert len(reward["params"]) + len(other["params"]) == sum(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="reward_learning_rate must be > 0 or null, got 0"):
+        make_config(small_data, tmp_path, reward_learning_rate=0)
