@@ -275,6 +275,8 @@ def _add_train_arm(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-pairs", type=int, default=None, help="pairs per objective per step")
     parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--warmup-steps", type=int, default=None)
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between validation passes")
     parser.add_argument("--max-train-pairs", type=int, default=None, help="pairs per objective used for training")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--backbone", default=None)
@@ -292,8 +294,8 @@ def run_train_arm(args: argparse.Namespace) -> int:
     objectives = list(parse_objectives(args.objectives))
     common = {
         "backbone": args.backbone, "steps": args.steps, "batch_pairs": args.batch_pairs, "learning_rate": args.learning_rate,
-        "max_train_pairs": args.max_train_pairs, "seed": args.seed, "data_dir": args.data_dir,
-        "feature_cache": args.feature_cache, "include_pku": args.include_pku,
+        "warmup_steps": args.warmup_steps, "eval_every": args.eval_every, "max_train_pairs": args.max_train_pairs,
+        "seed": args.seed, "data_dir": args.data_dir, "feature_cache": args.feature_cache, "include_pku": args.include_pku,
     }
     common = {key: value for key, value in common.items() if value is not None}
     if args.method == "dualhead-unconditioned":
