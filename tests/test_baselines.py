@@ -112,6 +112,8 @@ def test_training_lowers_the_arm_loss_and_the_saved_adapters_round_trip(backbone
     assert "helpfulness/rewards/chosen" in log[0] and "helpfulness/rewards/accuracies" in log[0]
     suffix = "" if method == "genarm" else "@1,0"
     assert f"val/helpfulness/accuracy{suffix}" in saved_config.training
+    card = (Path(config.output_dir) / "README.md").read_text()
+    assert card.startswith(f"# {method} ARM") and f"helpfulness/accuracy{suffix}: " in card and "More Information Needed" not in card
 
     loaded, loaded_config = load_arm(config.output_dir, backbone, tokenizer, method, config.objective)
     assert loaded_config.layers == 1 and loaded_config.objectives == arm_config.objectives

@@ -314,7 +314,31 @@ def save_arm(arm: nn.Module, config: ARMConfig, directory: str | os.PathLike) ->
     else:
         tensors = {name: parameter.detach().to("cpu").contiguous() for name, parameter in adapter_parameters(arm).items()}
         atomic_write(directory / PBLORA_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    card = arm_card(config)  # replaces peft's template card (which records the local backbone path)
+    atomic_write(directory / "README.md", lambda tmp: Path(tmp).write_text(card))
     config.save(directory)
+
+
+def arm_card(config: ARMConfig) -> str:
+    """A short model card for an ARM checkpoint: what it is, how it was trained, its validation accuracy."""
+    kind = "GenARM autoregressive reward model (LoRA via peft)" if config.method == "genarm" else "PARM preference-aware ARM (PBLoRA)"
+    training = config.training or {}
+    accuracy = "\n".join(f"- {key.removeprefix('val/')}: {value:.3f}" for key, value in training.items() if key.startswith("val/"))
+    settings = ", ".join(f"{key} {value}" for key, value in asdict(config.adapter).items())
+    return f"""# {config.method} ARM: {', '.join(config.objectives)}
+
+A {kind} for the paretoalign baselines, on the frozen backbone `{config.backbone}`: adapters on the q/k/v/o
+projections of its top {config.layers} of {config.num_hidden_layers} blocks ({settings}), trained with GenARM's
+Bradley-Terry loss on R = sum_t log pi_r(y_t | x, y_<t), beta_r = {config.beta_r}, from cached states of the
+lower blocks. Decoding with it costs one extra full model pass per token (`paretoalign sweep --methods {config.method}`).
+
+Training: {training.get('steps', '?')} steps, {training.get('train_seconds', '?')} s on {training.get('machine', '?')};
+log in `training_log.jsonl`. Recreate with the settings of `arm_train_config.json` (its flags): `{train_command(config.method, '<dir>', config.objectives[0] if config.method == 'genarm' else None)}`.
+
+Validation accuracy (chosen reply gets the higher reward):
+
+{accuracy or '- not measured'}
+"""
 
 
 def load_arm(directory: str | os.PathLike, backbone: nn.Module, tokenizer, method: str, objective: str | None = None):
