@@ -143,6 +143,11 @@ def test_a_resumed_arm_run_ends_where_an_uninterrupted_one_does(backbone, tokeni
     with pytest.raises(KeyboardInterrupt):
         train_arm(broken, backbone, tokenizer, progress=False)
     monkeypatch.setattr(arm_training, "arm_training_loss", real_loss)
+    # The interrupted run's directory moves (a clone elsewhere, a renamed folder): it still resumes.
+    moved = tmp_path / "moved" / "arm"
+    moved.parent.mkdir()
+    Path(broken.output_dir).rename(moved)
+    broken = train_config(small_data, tmp_path / "broken", "parm", steps=6, checkpoint_every=3, output_dir=str(moved))
     resumed, _ = train_arm(broken, backbone, tokenizer, progress=False)
     for name, parameter in adapter_parameters(whole).items():
         torch.testing.assert_close(adapter_parameters(resumed)[name], parameter)

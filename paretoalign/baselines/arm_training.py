@@ -291,7 +291,9 @@ def train_arm(config: ARMTrainConfig, backbone=None, tokenizer=None, progress: b
     output.mkdir(parents=True, exist_ok=True)
     saved = output / TRAIN_CONFIG_NAME
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    if saved.is_file() and json.loads(saved.read_text()) != json.loads(text):
+    # The file lives in the output directory, so where that directory is (absolute here, relative in a clone) is no setting.
+    settings = lambda data: {key: value for key, value in data.items() if key != "output_dir"}  # noqa: E731
+    if saved.is_file() and settings(json.loads(saved.read_text())) != settings(json.loads(text)):
         raise ValueError(f"{saved} holds a different config; use a new output directory or the same settings to resume")
     atomic_write(saved, lambda tmp: Path(tmp).write_text(text))
 
