@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .files import atomic_write
-from .model import DualHeadModel, position_ids_from_mask
+from .model import DualHeadModel, backbone_forward
 
 FORMAT_VERSION = 1
 
@@ -45,10 +45,7 @@ def sequences_key(model: DualHeadModel, sequences: Sequence[Sequence[int]], extr
 
 def block_input(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
     """The residual stream entering block ``layer`` of ``backbone``: ``(B, T)`` ids -> ``(B, T, d)``."""
-    positions = position_ids_from_mask(attention_mask)  # (B, T)
-    out = backbone.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, output_hidden_states=True
-    )
+    out = backbone_forward(backbone, input_ids, attention_mask, output_hidden_states=True)
     # hidden_states[0] is the embedding output and hidden_states[i] the output of block i - 1; the last entry is
     # the final (normed) state, which is why ``layer`` stays below the number of blocks.
     return out.hidden_states[layer]

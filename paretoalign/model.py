@@ -130,17 +130,29 @@ def fuse_logits(
     raise ValueError(f"fusion must be one of {FUSION_MODES}, got {fusion!r}")
 
 
-def backbone_hidden(backbone: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values=None) -> torch.Tensor:
-    """Final hidden states ``(B, T, d)`` of ``backbone`` for new ids ``(B, T)`` under a ``(B, P + T)`` mask."""
+def backbone_forward(
+    backbone: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    past_key_values=None,
+    output_hidden_states: bool = False,
+):
+    """The backbone's block stack over new ids ``(B, T)`` under a ``(B, P + T)`` mask (left padding skipped in the
+    positions); ``past_key_values`` is extended in place when given. Returns transformers' base-model output."""
     positions = position_ids_from_mask(attention_mask)[:, -input_ids.shape[1] :]  # (B, T)
-    out = backbone.base_model(
+    return backbone.base_model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=positions,
         past_key_values=past_key_values,
         use_cache=past_key_values is not None,
+        output_hidden_states=output_hidden_states,
     )
-    return out.last_hidden_state
+
+
+def backbone_hidden(backbone: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values=None) -> torch.Tensor:
+    """Final hidden states ``(B, T, d)`` of ``backbone`` for new ids ``(B, T)`` under a ``(B, P + T)`` mask."""
+    return backbone_forward(backbone, input_ids, attention_mask, past_key_values).last_hidden_state
 
 
 class DualHeadModel(nn.Module):
@@ -225,15 +237,7 @@ class DualHeadModel(nn.Module):
         entering block ``N - reward_layers`` ``(B, T, d)`` (else ``None``). Arguments as :meth:`backbone_hidden`."""
         if self.reward_branch is None:
             return self.backbone_hidden(input_ids, attention_mask, past_key_values), None
-        positions = position_ids_from_mask(attention_mask)[:, -input_ids.shape[1] :]  # (B, T)
-        out = self.backbone.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=past_key_values,
-            use_cache=past_key_values is not None,
-            output_hidden_states=True,
-        )
+        out = backbone_forward(self.backbone, input_ids, attention_mask, past_key_values, output_hidden_states=True)
         return out.last_hidden_state, out.hidden_states[self.branch_layer]
 
     def reward_hidden(
