@@ -257,6 +257,17 @@ class DualHeadModel(nn.Module):
             raise ValueError(f"this model's reward branch needs the input of block {self.branch_layer} (block_hidden)")
         return self.reward_branch(block_hidden, attention_mask, preference, branch_cache, from_layer)
 
+    def reward_logits(self, reward_hidden: torch.Tensor, preference: torch.Tensor, lm_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """z_RM ``(..., V)`` from what the reward head reads ``(..., d)`` and a ``(..., k)`` preference.
+
+        ``lm_logits`` is the frozen LM head's read-out of that same state when the caller has it (no reward branch);
+        otherwise it is computed here (the branch's state needs its own).
+        """
+        if lm_logits is None:
+            lm_head = self.backbone.get_output_embeddings()
+            lm_logits = lm_head(reward_hidden.to(lm_head.weight.dtype)).float()  # (..., V)
+        return self.reward_head(reward_hidden.float(), lm_logits, preference)  # (..., V)
+
     def heads(
         self,
         hidden: torch.Tensor,
@@ -278,11 +289,8 @@ class DualHeadModel(nn.Module):
         hidden_out = hidden[:, -1:] if last_only else hidden  # (B, T', d)
         reward_out = reward_hidden[:, -1:] if last_only else reward_hidden  # (B, T', d)
         lm_logits = self.backbone.get_output_embeddings()(hidden_out).float()  # (B, T', V)
-        if reward_hidden is not hidden:  # the reward head's own read-out of the branch's state
-            reward_lm_logits = self.backbone.get_output_embeddings()(reward_out.to(hidden_out.dtype)).float()  # (B, T', V)
-        else:
-            reward_lm_logits = lm_logits
-        reward_logits = self.reward_head(reward_out.float(), reward_lm_logits, preference)  # (B, T', V)
+        shared = lm_logits if reward_hidden is hidden else None  # the LM head's read-out of the same state
+        reward_logits = self.reward_logits(reward_out, preference, shared)  # (B, T', V)
         alpha, gate_cache = self.context_gate(hidden.float(), attention_mask, preference, gate_cache, last_only)  # (B, T')
         logits = fuse_logits(lm_logits, reward_logits, alpha, fusion, strength)  # (B, T', V)
         return DualHeadOutput(lm_logits, reward_logits, alpha, logits), gate_cache

@@ -92,17 +92,17 @@ def score_pairs(
     """
     labels, mask = next_token_targets(batch.input_ids, batch.response_mask)  # (2B, T-1), (2B, T-1)
     rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,): logits at position t predict token t + 1
-    lm_head = model.backbone.get_output_embeddings()
     selected = batch.hidden[rows, cols]  # (N, d)
-    lm_logits = lm_head(selected).float()  # (N, V)
-    reward_lm_logits, reward_selected = lm_logits, selected
+    lm_logits = model.backbone.get_output_embeddings()(selected).float()  # (N, V)
+    reward_selected, shared = selected, lm_logits
     if model.reward_branch is not None:
         branch = model.reward_hidden(
             batch.hidden, batch.block_hidden, batch.attention_mask, preference, from_layer=batch.block_layer
         )  # (2B, T, d)
-        reward_selected = branch[rows, cols]  # (N, d)
-        reward_lm_logits = lm_head(reward_selected.to(selected.dtype)).float()  # (N, V)
-    reward_logits = model.reward_head(reward_selected.float()[:, None], reward_lm_logits[:, None], preference[rows])[:, 0]  # (N, V)
+        reward_selected, shared = branch[rows, cols], None  # (N, d): read out by the reward head itself
+    reward_logits = model.reward_logits(
+        reward_selected[:, None], preference[rows], None if shared is None else shared[:, None]
+    )[:, 0]  # (N, V)
     targets = labels[rows, cols]  # (N,)
     reward_token_logprobs = label_logprobs(reward_logits, targets)  # (N,)
     if model.config.reward_baseline == "backbone":
