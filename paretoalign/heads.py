@@ -164,15 +164,18 @@ class ContextGate(nn.Module):
         adapter: PBLoRAConfig,
         num_objectives: int,
         fixed_alpha: float | None = None,
+        preference_aware: bool = True,
     ):
         super().__init__()
         if gate_size % num_heads:
             raise ValueError(f"gate_size ({gate_size}) must be divisible by gate_heads ({num_heads})")
         self.num_heads, self.head_dim, self.fixed_alpha = num_heads, gate_size // num_heads, fixed_alpha
+        self.preference_aware = preference_aware  # False: the published, preference-blind gate (plain low-rank attention)
+        adapter_objectives = num_objectives if preference_aware else 1
 
         def projection(in_features: int) -> PBLoRALinear:
             base = nn.Linear(in_features, gate_size)
-            return PBLoRALinear(base, adapter.r1, adapter.r2, num_objectives, adapter.lora_alpha, freeze_base=False)
+            return PBLoRALinear(base, adapter.r1, adapter.r2, adapter_objectives, adapter.lora_alpha, freeze_base=False)
 
         self.q_proj, self.k_proj, self.v_proj = (projection(hidden_size) for _ in range(3))
         self.o_proj = projection(gate_size)
@@ -204,6 +207,8 @@ class ContextGate(nn.Module):
             ``alpha`` of shape ``(B, T)`` (``(B, 1)`` with ``last_only``) and the extended cache.
         """
         batch, new = hidden.shape[:2]
+        if not self.preference_aware:
+            preference = constant_preference(preference)  # (B, 1)
         if self.fixed_alpha is not None:
             return hidden.new_full((batch, 1 if last_only else new), self.fixed_alpha), None
         past = cache.length if cache is not None else 0

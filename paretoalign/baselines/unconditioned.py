@@ -17,29 +17,12 @@ import torch
 
 from ..files import atomic_write
 from ..generation import DualHeadDecoder
-from ..heads import ContextGate, GateCache, constant_preference
+from ..heads import ContextGate
 from ..model import CONFIG_NAME, DualHeadModel
 from .arm import default_checkpoint, missing_checkpoint
 
 METHOD = "dualhead-unconditioned"
 MARKER_NAME = "unconditioned.json"
-
-
-class UnconditionedContextGate(ContextGate):
-    """A :class:`~paretoalign.heads.ContextGate` whose adapters read a constant instead of the preference."""
-
-    def __init__(self, hidden_size: int, gate_size: int, num_heads: int, adapter, fixed_alpha: float | None = None):
-        super().__init__(hidden_size, gate_size, num_heads, adapter, 1, fixed_alpha)
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        attention_mask: torch.Tensor,
-        preference: torch.Tensor,
-        cache: GateCache | None = None,
-        last_only: bool = False,
-    ) -> tuple[torch.Tensor, GateCache | None]:
-        return super().forward(hidden, attention_mask, constant_preference(preference), cache, last_only)
 
 
 class UnconditionedDualHeadModel(DualHeadModel):
@@ -55,8 +38,14 @@ class UnconditionedDualHeadModel(DualHeadModel):
                 f"the unconditioned Dual-Head needs a config with reward_head='lora' (preference-unaware), got {found!r}"
             )
         super().__init__(backbone, tokenizer, config)
-        self.context_gate = UnconditionedContextGate(
-            config.hidden_size, config.gate_size, config.gate_heads, config.gate_adapter, config.fixed_gate
+        self.context_gate = ContextGate(
+            config.hidden_size,
+            config.gate_size,
+            config.gate_heads,
+            config.gate_adapter,
+            config.num_objectives,
+            config.fixed_gate,
+            preference_aware=False,
         ).to(self.device)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
