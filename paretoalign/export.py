@@ -55,9 +55,12 @@ def _validation_curve(log_path: Path) -> str:
 
 
 def _reward_definition(model_config: dict) -> str:
+    mean = model_config.get("reward_reduction", "sum") == "mean"
+    total = "(1/|y|) Σ_t" if mean else "Σ_t"
+    extra = ", averaged over the response's |y| tokens" if mean else ""
     if model_config.get("reward_baseline", "none") == "backbone":
-        return "R = Σ_t [log π_r(y_t | x, y_<t) − log π_LM(y_t | x, y_<t)], the head's change to the frozen LM."
-    return "R = Σ_t log π_r(y_t | x, y_<t)."
+        return f"R = {total} [log π_r(y_t | x, y_<t) − log π_LM(y_t | x, y_<t)], the head's change to the frozen LM{extra}."
+    return f"R = {total} log π_r(y_t | x, y_<t){extra}."
 
 
 def _reward_input(model_config: dict) -> str:

@@ -26,6 +26,7 @@ CONFIG_NAME = "dualhead_config.json"
 WEIGHTS_NAME = "dualhead_model.safetensors"
 FUSION_MODES = ("gate", "genarm")
 REWARD_BASELINES = ("backbone", "none")
+REWARD_REDUCTIONS = ("sum", "mean")
 
 
 @dataclass
@@ -41,6 +42,14 @@ class DualHeadConfig:
         metadata={
             "help": f"one of {REWARD_BASELINES}: 'backbone' measures R = sum_t [log pi_r - log pi_LM] (the head's change to "
             "the frozen LM, DPO's implicit reward); 'none' is GenARM's literal R = sum_t log pi_r"
+        },
+    )
+    reward_reduction: str = field(
+        default="sum",
+        metadata={
+            "help": f"one of {REWARD_REDUCTIONS}: how a response's token rewards make its reward in the preference loss "
+            "and in arm-accuracy; 'sum' is GenARM's, 'mean' divides by the response's length. Decoding is the same "
+            "either way (it fuses token logits)"
         },
     )
     reward_layers: int = field(
@@ -74,6 +83,8 @@ class DualHeadConfig:
             raise ValueError(f"reward_head must be one of {REWARD_HEAD_KINDS}, got {self.reward_head!r}")
         if self.reward_baseline not in REWARD_BASELINES:
             raise ValueError(f"reward_baseline must be one of {REWARD_BASELINES}, got {self.reward_baseline!r}")
+        if self.reward_reduction not in REWARD_REDUCTIONS:
+            raise ValueError(f"reward_reduction must be one of {REWARD_REDUCTIONS}, got {self.reward_reduction!r}")
         if isinstance(self.reward_layers, bool) or not isinstance(self.reward_layers, int) or self.reward_layers < 0:
             raise ValueError(f"reward_layers must be an integer >= 0, got {self.reward_layers!r}")
         if self.fusion not in FUSION_MODES:

@@ -62,7 +62,7 @@ def join_pair_batches(batches: list[PairBatch]) -> PairBatch:
 class ResponseScores:
     """What the heads say about every response token of a :class:`PairBatch`."""
 
-    rewards: torch.Tensor  # (2B,) R = sum_t log pi_r(y_t | x, y_<t) [- log pi_LM(y_t | ...)] over the response
+    rewards: torch.Tensor  # (2B,) R = sum_t (or mean_t) log pi_r(y_t | x, y_<t) [- log pi_LM(y_t | ...)] over the response
     fused_logprobs: torch.Tensor | None  # (N,) log softmax(fused logits) at each response token
     rows: torch.Tensor  # (N,) which sequence each response token belongs to
     gate: torch.Tensor | None  # (2B, T - 1) alpha_t at the positions that predict tokens 1..T-1
@@ -110,6 +110,8 @@ def score_pairs(
             lm_token_logprobs = label_logprobs(lm_logits, targets)  # (N,) the frozen LM's own, a constant
         reward_token_logprobs = reward_token_logprobs - lm_token_logprobs  # (N,) the head's change
     rewards = reward_token_logprobs.new_zeros(batch.input_ids.shape[0]).index_add(0, rows, reward_token_logprobs)  # (2B,)
+    if model.config.reward_reduction == "mean":
+        rewards = rewards / mask.sum(dim=1).clamp(min=1).to(rewards.dtype)  # (2B,) per response token
     if not fused:
         return ResponseScores(rewards, None, rows, None, mask)
     alpha, _ = model.context_gate(batch.hidden.float(), batch.attention_mask, preference)  # (2B, T)

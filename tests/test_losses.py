@@ -241,3 +241,30 @@ def test_fusion_gradient_reaches_the_reward_head_only_when_asked(make_model, tok
     reward_grad = model.reward_head.adapter.lora_B.grad
     assert (reward_grad is not None and reward_grad.abs().sum() > 0) == through
     assert model.context_gate.score.weight.grad.abs().sum() > 0  # the gate always learns from the LM loss
+
+
+def test_mean_reward_reduction_divides_by_the_response_length(make_model, tokenizer):
+    """'mean' rewards are the 'sum' rewards over the number of response tokens of each row (rows differ in length)."""
+    from paretoalign.objective import PairBatch, score_pairs
+
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(["Hi there friend, how are you", "Hi you"], return_tensors="pt", padding=True)
+    input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+    response_mask = attention_mask.clone()
+    response_mask[0, :-4] = 0  # four response tokens in the first row, two in the second
+    response_mask[1, :-2] = 0
+    preference = torch.tensor([[0.7, 0.3]] * 2)
+    rewards = {}
+    for reduction in ("sum", "mean"):
+        model = make_model(reward_reduction=reduction)  # adapters randomised: rewards are not all zero
+        batch = PairBatch(model.backbone_hidden(input_ids, attention_mask), input_ids, attention_mask, response_mask)
+        rewards[reduction] = score_pairs(model, batch, preference, fused=False).rewards
+    assert rewards["sum"].abs().min() > 1e-4
+    assert torch.allclose(rewards["mean"], rewards["sum"] / torch.tensor([4.0, 2.0]), atol=1e-5)
+
+
+def test_reward_reduction_is_validated():
+    from paretoalign.model import DualHeadConfig
+
+    with pytest.raises(ValueError, match="reward_reduction must be one of \\('sum', 'mean'\\), got 'max'"):
+        DualHeadConfig(reward_reduction="max")
