@@ -203,22 +203,32 @@ def test_sample_preference_concentration():
         sample_preference(0, generator)
 
 
-def test_reward_baseline_measures_the_heads_change_to_the_lm(make_model, tokenizer):
-    """'backbone' rewards are literal rewards minus the frozen LM's own log-likelihood of the response."""
-    from paretoalign.losses import sequence_logprobs
+def _scored_rewards(model, tokenizer, texts, response_lengths, preference):
+    """``score_pairs`` rewards of ``texts`` (left-padded), the last ``response_lengths[i]`` tokens of row i the response."""
     from paretoalign.objective import PairBatch, score_pairs
 
     tokenizer.padding_side = "left"
-    encoded = tokenizer(["Hi there friend", "Hi you"], return_tensors="pt", padding=True)
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
     input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-    response_mask = attention_mask.clone()
-    response_mask[:, :-2] = 0  # the last two tokens of each row are the response
-    preference = torch.tensor([[0.2, 0.8]] * 2)
+    response_mask = torch.zeros_like(attention_mask)
+    for row, length in enumerate(response_lengths):
+        response_mask[row, -length:] = 1
+    batch = PairBatch(model.backbone_hidden(input_ids, attention_mask), input_ids, attention_mask, response_mask)
+    rewards = score_pairs(model, batch, torch.tensor([preference] * len(texts)), fused=False).rewards
+    return rewards, input_ids, attention_mask, response_mask
+
+
+def test_reward_baseline_measures_the_heads_change_to_the_lm(make_model, tokenizer):
+    """'backbone' rewards are literal rewards minus the frozen LM's own log-likelihood of the response."""
+    from paretoalign.losses import sequence_logprobs
+
     rewards = {}
     for baseline in ("none", "backbone"):
         model = make_model(reward_baseline=baseline)
-        batch = PairBatch(model.backbone_hidden(input_ids, attention_mask), input_ids, attention_mask, response_mask)
-        rewards[baseline] = score_pairs(model, batch, preference, fused=False).rewards
+        rewards[baseline], input_ids, attention_mask, response_mask = _scored_rewards(
+            model, tokenizer, ["Hi there friend", "Hi you"], [2, 2], [0.2, 0.8]
+        )
+    preference = torch.tensor([[0.2, 0.8]] * 2)
     out = model(input_ids, attention_mask, preference)
     literal = sequence_logprobs(out.reward_logits, input_ids, response_mask)
     lm = sequence_logprobs(out.lm_logits, input_ids, response_mask)
@@ -245,20 +255,10 @@ def test_fusion_gradient_reaches_the_reward_head_only_when_asked(make_model, tok
 
 def test_mean_reward_reduction_divides_by_the_response_length(make_model, tokenizer):
     """'mean' rewards are the 'sum' rewards over the number of response tokens of each row (rows differ in length)."""
-    from paretoalign.objective import PairBatch, score_pairs
-
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(["Hi there friend, how are you", "Hi you"], return_tensors="pt", padding=True)
-    input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-    response_mask = attention_mask.clone()
-    response_mask[0, :-4] = 0  # four response tokens in the first row, two in the second
-    response_mask[1, :-2] = 0
-    preference = torch.tensor([[0.7, 0.3]] * 2)
     rewards = {}
     for reduction in ("sum", "mean"):
         model = make_model(reward_reduction=reduction)  # adapters randomised: rewards are not all zero
-        batch = PairBatch(model.backbone_hidden(input_ids, attention_mask), input_ids, attention_mask, response_mask)
-        rewards[reduction] = score_pairs(model, batch, preference, fused=False).rewards
+        rewards[reduction] = _scored_rewards(model, tokenizer, ["Hi there friend, how are you", "Hi you"], [4, 2], [0.7, 0.3])[0]
     assert rewards["sum"].abs().min() > 1e-4
     assert torch.allclose(rewards["mean"], rewards["sum"] / torch.tensor([4.0, 2.0]), atol=1e-5)
 
