@@ -1,4 +1,9 @@
-"""Training steps/s from the on-disk feature cache against running the frozen backbone every step, side by side."""
+"""Training steps/s: the frozen backbone every step, the on-disk feature cache, and the cache with candidate tokens.
+
+All three modes train the same heads on the same pairs, interleaved in one run; ratios are against the backbone.
+``candidates`` reads the heads out at each response position's label and the LM's ``--candidate-tokens - 1``
+likeliest other tokens (``TrainConfig.candidate_tokens``) instead of the whole vocabulary.
+"""
 
 from __future__ import annotations
 
@@ -18,12 +23,20 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout without in
     sys.path.insert(0, str(REPO_ROOT))
 
 from paretoalign.backbone import DEFAULT_BACKBONE, load_backbone  # noqa: E402
+from paretoalign.candidates import build_candidate_cache  # noqa: E402
 from paretoalign.data import PreferenceCollator, load_default_pairs, split_pairs  # noqa: E402
 from paretoalign.features import build_feature_cache  # noqa: E402
 from paretoalign.model import DualHeadModel  # noqa: E402
 from paretoalign.objective import PairBatch  # noqa: E402
 from paretoalign.testing import tiny_backbone  # noqa: E402
-from paretoalign.train import TrainConfig, add_pair_sequences, collate_pairs, step_preference, training_loss  # noqa: E402
+from paretoalign.train import (  # noqa: E402
+    TrainConfig,
+    add_pair_sequences,
+    collate_candidates,
+    collate_pairs,
+    step_preference,
+    training_loss,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-pairs", type=int, default=4, help="pairs per objective per step")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per repeat and mode")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--candidate-tokens", type=int, default=64, help="C of the candidates mode")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", action="store_true")
     return parser.parse_args()
@@ -58,6 +72,12 @@ def main() -> None:
         started = time.perf_counter()
         cache = build_feature_cache(model, sequences, root, progress=False)
         cache_seconds = time.perf_counter() - started
+        prompt_lengths = np.zeros(len(sequences), dtype=np.int64)
+        for index in indices.values():
+            prompt_lengths[index.chosen] = prompt_lengths[index.rejected] = index.prompt_length
+        started = time.perf_counter()
+        candidates = build_candidate_cache(backbone.get_output_embeddings(), cache, prompt_lengths, args.candidate_tokens, progress=False)
+        candidate_seconds = time.perf_counter() - started
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def step_pair_ids(step):  # the same pairs for both modes at a given step
@@ -66,6 +86,12 @@ def main() -> None:
         def cached_batches(step):
             ids = step_pair_ids(step)
             return [collate_pairs(cache, indices[name], ids[i]) for i, name in enumerate(config.objectives)]
+
+        def candidate_batches(step):
+            batches = cached_batches(step)
+            for batch, name, ids in zip(batches, config.objectives, step_pair_ids(step)):
+                batch.candidates = collate_candidates(candidates, indices[name], ids)
+            return batches
 
         def backbone_batches(step):
             ids = step_pair_ids(step)
@@ -91,31 +117,37 @@ def main() -> None:
                 optimizer.step()
             return args.steps / (time.perf_counter() - started)
 
-        run(cached_batches, 0)  # warm-up
-        run(backbone_batches, 0)
-        rates = {"cached": [], "backbone": []}
+        modes = {"backbone": backbone_batches, "cached": cached_batches, "candidates": candidate_batches}
+        for make in modes.values():
+            run(make, 0)  # warm-up
+        rates = {mode: [] for mode in modes}
         for repeat in range(args.repeats):
-            order = ("cached", "backbone") if repeat % 2 == 0 else ("backbone", "cached")  # alternate to cancel drift
+            order = list(modes) if repeat % 2 == 0 else list(modes)[::-1]  # alternate to cancel drift
             for mode in order:
-                rates[mode].append(run(cached_batches if mode == "cached" else backbone_batches, 100 * (repeat + 1)))
-    cached, every_step = statistics.median(rates["cached"]), statistics.median(rates["backbone"])
+                rates[mode].append(run(modes[mode], 100 * (repeat + 1)))
+    cached, every_step, sparse = (statistics.median(rates[mode]) for mode in ("cached", "backbone", "candidates"))
     result = {
         "backbone": "tiny" if args.tiny else args.backbone,
         "batch_pairs_per_objective": args.batch_pairs,
+        "candidate_tokens": args.candidate_tokens,
         "cached_steps_per_s": cached,
         "backbone_steps_per_s": every_step,
+        "candidates_steps_per_s": sparse,
         "speedup": cached / every_step,
+        "candidates_speedup": sparse / every_step,
         "cache_build_seconds": cache_seconds,
+        "candidate_cache_build_seconds": candidate_seconds,
         "sequences_cached": len(sequences),
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"backbone {result['backbone']}, {args.batch_pairs} pairs per objective per step, median of {args.repeats} x {args.steps} steps")
-    print(f"{'mode':<28}{'steps/s':>10}")
-    print(f"{'backbone every step':<28}{every_step:>10.3f}")
-    print(f"{'from the feature cache':<28}{cached:>10.3f}")
-    print(f"speed-up from caching: {result['speedup']:.2f}x  (building the cache of {len(sequences)} sequences took {cache_seconds:.1f} s once)")
+    print(f"{'mode':<36}{'steps/s':>10}{'vs backbone':>14}")
+    print(f"{'backbone every step':<36}{every_step:>10.3f}{1.0:>13.2f}x")
+    print(f"{'from the feature cache':<36}{cached:>10.3f}{result['speedup']:>13.2f}x")
+    print(f"{f'cache + {args.candidate_tokens} candidate tokens':<36}{sparse:>10.3f}{result['candidates_speedup']:>13.2f}x")
+    print(f"(building the feature cache of {len(sequences)} sequences took {cache_seconds:.1f} s once, the candidates {candidate_seconds:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -90,6 +91,13 @@ def _add_train(subparsers) -> None:
     parser.add_argument(
         "--reward-layers", type=int, default=None, help="k: the reward head re-runs the backbone's last k blocks (0: none)"
     )
+    parser.add_argument(
+        "--candidate-tokens",
+        type=int,
+        default=None,
+        help="C: train on each response position's label and the frozen LM's C - 1 likeliest other tokens (0: the whole vocabulary)",
+    )
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between validation passes")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=run_train)
 
@@ -100,11 +108,14 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = {
         "output_dir": args.output_dir, "backbone": args.backbone, "steps": args.steps, "batch_pairs": args.batch_pairs,
         "learning_rate": args.learning_rate, "max_train_pairs": args.max_train_pairs, "seed": args.seed,
-        "feature_cache": args.feature_cache, "include_pku": args.include_pku,
+        "feature_cache": args.feature_cache, "include_pku": args.include_pku, "eval_every": args.eval_every,
+        "candidate_tokens": args.candidate_tokens or None,
     }
     if args.reward_layers is not None:
         overrides["model"] = {"reward_layers": args.reward_layers}
     config = TrainConfig.from_json(args.config or DEFAULT_TRAIN_CONFIG, **overrides)
+    if args.candidate_tokens == 0:  # None overrides keep the file's value, so "the whole vocabulary" is set here
+        config = dataclasses.replace(config, candidate_tokens=None)
     train(config, progress=not args.no_progress)
     print(f"saved the trained heads to {config.output_dir}/model")
     return 0

@@ -78,6 +78,24 @@ class RewardHead(nn.Module):
         return lm_logits + self.adapter.adapter_output(hidden, preference).to(lm_logits.dtype)  # (B, T, V)
 
 
+    def candidate_shift(self, hidden: torch.Tensor, preference: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """``z_RM - z_LM`` at a few candidate tokens per position: ``(N, d)``, ``(N, k)``, ``(N, C)`` ids -> ``(N, C)``.
+
+        Equals ``(forward(hidden, lm_logits, preference) - lm_logits).gather(-1, candidates)`` without a ``V``-wide
+        product, which is what lets training score only each position's likeliest tokens (:mod:`paretoalign.candidates`).
+        ``full_rank`` changes every logit through a trainable ``V × d`` matrix and has no such shortcut.
+        """
+        if self.kind == "full_rank":
+            raise ValueError("reward head kind 'full_rank' changes every logit; train it on the whole vocabulary (candidate_tokens = null)")
+        preference = self._adapter_preference(preference)
+        if self.kind == "hidden":
+            lm_head = self.lm_head[0]
+            shift = self.adapter.adapter_output(hidden.float(), preference)  # (N, d)
+            embeddings = lm_head.weight[candidates].float()  # (N, C, d)
+            return torch.einsum("nd,ncd->nc", shift, embeddings)  # (N, C)
+        return self.adapter.adapter_output_rows(hidden.float(), preference, candidates)  # (N, C)
+
+
 class RewardBranch(nn.Module):
     """The reward head's own copy of the backbone's last ``k`` blocks, with PBLoRA on their attention projections.
 

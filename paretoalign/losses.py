@@ -39,6 +39,25 @@ def label_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)  # (...)
 
 
+def candidate_label_logprobs(base_logprobs: torch.Tensor, tail: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(z + Δ)[label]`` from the base log-probs of a few candidates, the label in column 0.
+
+    ``z`` are the base logits over the whole vocabulary, of which only the candidates' log-probs are known:
+    ``base_logprobs`` ``(N, C)`` and ``tail`` ``(N,)``, the log of the base probability of every other token.
+    ``shift`` ``(N, C)`` is ``Δ`` at the candidates; the other tokens keep ``Δ = 0``. Then
+
+        log_softmax(z + Δ)[y] = log pi(y) + Δ_y - log( sum_c pi(c) e^{Δ_c} + pi(tail) )
+
+    exactly (no ``V``-wide tensor). Returns ``(N,)``.
+    """
+    _check_shapes(base_logprobs=base_logprobs, shift=shift)
+    if base_logprobs.dim() != 2 or tail.shape != base_logprobs.shape[:1]:
+        raise ValueError(f"base_logprobs must be (N, C) and tail (N,), got {tuple(base_logprobs.shape)} and {tuple(tail.shape)}")
+    shifted = base_logprobs + shift  # (N, C)
+    normaliser = torch.cat([shifted, tail[:, None].to(shifted.dtype)], dim=-1).logsumexp(-1)  # (N,)
+    return shifted[:, 0] - normaliser  # (N,)
+
+
 def token_logprobs(
     logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .candidates import CandidateBatch
 from .data import PreferenceCollator, PreferencePair
-from .losses import label_logprobs, next_token_targets
+from .losses import candidate_label_logprobs, label_logprobs, next_token_targets
 from .model import DualHeadModel, fuse_logits
 
 
@@ -27,6 +28,7 @@ class PairBatch:
     response_mask: torch.Tensor  # (2B, T)
     block_hidden: torch.Tensor | None = None  # (2B, T, d) input of block ``block_layer``, for a reward branch
     block_layer: int | None = None
+    candidates: CandidateBatch | None = None  # the frozen LM's likeliest tokens at the response positions (training)
 
     @property
     def num_pairs(self) -> int:
@@ -35,7 +37,8 @@ class PairBatch:
     def to(self, device) -> "PairBatch":
         tensors = (self.hidden, self.input_ids, self.attention_mask, self.response_mask)
         block = None if self.block_hidden is None else self.block_hidden.to(device)
-        return PairBatch(*(t.to(device) for t in tensors), block, self.block_layer)
+        candidates = None if self.candidates is None else self.candidates.to(device)
+        return PairBatch(*(t.to(device) for t in tensors), block, self.block_layer, candidates)
 
 
 def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -53,9 +56,13 @@ def join_pair_batches(batches: list[PairBatch]) -> PairBatch:
     layers = {b.block_layer for b in batches}
     if len(layers) != 1 or len({b.block_hidden is None for b in batches}) != 1:
         raise ValueError("batches to join must all carry block states of the same layer, or none")
+    if len({b.candidates is None for b in batches}) != 1:
+        raise ValueError("batches to join must all carry candidate tokens, or none")
     names = ("hidden", "input_ids", "attention_mask", "response_mask")
     block = None if batches[0].block_hidden is None else _pad_cat([b.block_hidden for b in batches])
-    return PairBatch(*(_pad_cat([getattr(b, name) for b in batches]) for name in names), block, layers.pop())
+    # Rows keep their order and padding is on the left, so the response positions stay in row-major order.
+    candidates = None if batches[0].candidates is None else CandidateBatch.cat([b.candidates for b in batches])
+    return PairBatch(*(_pad_cat([getattr(b, name) for b in batches]) for name in names), block, layers.pop(), candidates)
 
 
 @dataclass
@@ -80,8 +87,13 @@ def score_pairs(
     strength: float = 1.0,
     fused: bool = True,
     reward_grad_from_fusion: bool = True,
+    exact: bool = False,
 ) -> ResponseScores:
     """Run the reward head (and, with ``fused``, the gate and the fusion) over cached hidden states.
+
+    With ``batch.candidates`` (and not ``exact``) the heads are read out at each position's candidate tokens only
+    (:mod:`paretoalign.candidates`): the same rewards and fused log-probs for a head that changes no other logit,
+    at a small fraction of the cost; otherwise over the whole vocabulary.
 
     Args:
         preference: ``(2B, k)``, one preference per sequence.
@@ -89,25 +101,44 @@ def score_pairs(
         fused: also compute the gate and the fused log-probs; measuring rewards alone does not need them.
         reward_grad_from_fusion: let gradients of the fused log-probs reach the reward head; ``False`` detaches
             the reward logits inside the fusion, so a loss on the fused log-probs trains the gate only.
+        exact: use the whole vocabulary even when the batch carries candidate tokens.
     """
     labels, mask = next_token_targets(batch.input_ids, batch.response_mask)  # (2B, T-1), (2B, T-1)
     rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,): logits at position t predict token t + 1
     selected = batch.hidden[rows, cols]  # (N, d)
-    lm_logits = model.backbone.get_output_embeddings()(selected).float()  # (N, V)
-    reward_selected, shared = selected, lm_logits
-    if model.reward_branch is not None:
-        branch = model.reward_hidden(
-            batch.hidden, batch.block_hidden, batch.attention_mask, preference, from_layer=batch.block_layer
-        )  # (2B, T, d)
-        reward_selected, shared = branch[rows, cols], None  # (N, d): read out by the reward head itself
-    reward_logits = model.reward_logits(
-        reward_selected[:, None], preference[rows], None if shared is None else shared[:, None]
-    )[:, 0]  # (N, V)
     targets = labels[rows, cols]  # (N,)
-    reward_token_logprobs = label_logprobs(reward_logits, targets)  # (N,)
-    if model.config.reward_baseline == "backbone":
+    candidates = None if exact else batch.candidates
+    if candidates is not None:
+        if model.reward_branch is not None:
+            raise ValueError("candidate tokens score heads over the final hidden state; a reward branch (reward_layers > 0) needs the whole vocabulary")
+        if candidates.ids.shape[0] != targets.shape[0] or not torch.equal(candidates.ids[:, 0], targets):
+            raise ValueError("the batch's candidate tokens do not belong to its response tokens (label column differs)")
+        reward_readout = model.reward_head.candidate_shift(selected.float(), preference[rows], candidates.ids)  # (N, C) z_RM - z_LM
+        reward_token_logprobs = candidate_label_logprobs(candidates.logprobs, candidates.tail, reward_readout)  # (N,)
+        lm_token_logprobs = candidates.logprobs[:, 0]  # (N,)
+
+        def fused_logprobs(alpha: torch.Tensor, change: torch.Tensor) -> torch.Tensor:  # gate fusion: z_LM + s·alpha·Δ
+            return candidate_label_logprobs(candidates.logprobs, candidates.tail, (strength * alpha)[:, None] * change)  # (N,)
+
+    else:
+        lm_logits = model.backbone.get_output_embeddings()(selected).float()  # (N, V)
+        reward_selected, shared = selected, lm_logits
+        if model.reward_branch is not None:
+            branch = model.reward_hidden(
+                batch.hidden, batch.block_hidden, batch.attention_mask, preference, from_layer=batch.block_layer
+            )  # (2B, T, d)
+            reward_selected, shared = branch[rows, cols], None  # (N, d): read out by the reward head itself
+        reward_readout = model.reward_logits(
+            reward_selected[:, None], preference[rows], None if shared is None else shared[:, None]
+        )[:, 0]  # (N, V) z_RM
+        reward_token_logprobs = label_logprobs(reward_readout, targets)  # (N,)
         with torch.no_grad():
             lm_token_logprobs = label_logprobs(lm_logits, targets)  # (N,) the frozen LM's own, a constant
+
+        def fused_logprobs(alpha: torch.Tensor, reward_logits: torch.Tensor) -> torch.Tensor:
+            return label_logprobs(fuse_logits(lm_logits, reward_logits, alpha, "gate", strength), targets)  # (N,)
+
+    if model.config.reward_baseline == "backbone":
         reward_token_logprobs = reward_token_logprobs - lm_token_logprobs  # (N,) the head's change
     rewards = reward_token_logprobs.new_zeros(batch.input_ids.shape[0]).index_add(0, rows, reward_token_logprobs)  # (2B,)
     if model.config.reward_reduction == "mean":
@@ -115,9 +146,9 @@ def score_pairs(
     if not fused:
         return ResponseScores(rewards, None, rows, None, mask)
     alpha, _ = model.context_gate(batch.hidden.float(), batch.attention_mask, preference)  # (2B, T)
-    fusion_reward = reward_logits if reward_grad_from_fusion else reward_logits.detach()  # (N, V)
-    fused_logits = fuse_logits(lm_logits, fusion_reward, alpha[rows, cols], "gate", strength)  # (N, V)
-    return ResponseScores(rewards, label_logprobs(fused_logits, targets), rows, alpha[:, :-1], mask)
+    # reward_readout: z_RM - z_LM at the candidates (N, C), or z_RM over the vocabulary (N, V)
+    fusion_reward = reward_readout if reward_grad_from_fusion else reward_readout.detach()
+    return ResponseScores(rewards, fused_logprobs(alpha[rows, cols], fusion_reward), rows, alpha[:, :-1], mask)
 
 
 @torch.no_grad()

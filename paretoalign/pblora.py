@@ -119,6 +119,21 @@ class PBLoRALinear(nn.Module):
             x: ``(..., in)``; with a ``(B, k)`` preference the leading dimension of ``x`` must be ``B``.
             preference: ``(k,)`` shared by all rows, or ``(B, k)`` one per row.
         """
+        return self.scaling * (self.mixed_input(x, preference) @ self.lora_B.T)  # (..., out)
+
+    def adapter_output_rows(self, x: torch.Tensor, preference: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The update at some outputs only: ``(N, in)``, ``(N, k)`` or ``(k,)``, ``(N, C)`` ids -> ``(N, C)``.
+
+        ``adapter_output(x, preference).gather(-1, rows)`` without the ``(N, out)`` product: a vocabulary-sized
+        layer scored at a few candidate tokens per position costs ``C`` rows of ``B``, not ``out``.
+        """
+        if x.dim() != 2 or rows.dim() != 2 or rows.shape[0] != x.shape[0]:
+            raise ValueError(f"x must be (N, in) and rows (N, C), got {tuple(x.shape)} and {tuple(rows.shape)}")
+        mixed = self.mixed_input(x, preference)  # (N, r1 + r2)
+        return self.scaling * torch.einsum("nr,ncr->nc", mixed, self.lora_B[rows])  # (N, C)
+
+    def mixed_input(self, x: torch.Tensor, preference: torch.Tensor) -> torch.Tensor:
+        """``blockdiag(W1, W2(w)) · A · x``, the update before ``B``: ``(..., in) -> (..., r1 + r2)``."""
         preference = self._check_preference(preference)
         low = x.to(self.lora_A.dtype) @ self.lora_A.T  # (..., r1 + r2)
         shared, aware = low[..., : self.r1], low[..., self.r1 :]  # (..., r1), (..., r2)
@@ -130,8 +145,7 @@ class PBLoRALinear(nn.Module):
                 raise ValueError(f"preference has {preference.shape[0]} rows but the input batch has {x.shape[0]}")
             flat = aware.reshape(aware.shape[0], -1, self.r2)  # (B, N, r2)
             aware = torch.bmm(flat, block.transpose(1, 2)).reshape(aware.shape)  # (..., r2)
-        mixed = torch.cat([shared @ self.lora_W1.T, aware], dim=-1) if self.r1 else aware  # (..., r1 + r2)
-        return self.scaling * (mixed @ self.lora_B.T)  # (..., out)
+        return torch.cat([shared @ self.lora_W1.T, aware], dim=-1) if self.r1 else aware  # (..., r1 + r2)
 
     def forward(self, x: torch.Tensor, preference: torch.Tensor) -> torch.Tensor:
         if self.merged:

@@ -27,6 +27,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .backbone import DEFAULT_BACKBONE, cache_dir, load_backbone
 from .data import PreferenceCollator, PreferencePair, load_default_pairs, split_pairs
+from .candidates import CandidateBatch, CandidateCache, build_candidate_cache
 from .features import FeatureCache, build_feature_cache
 from .files import atomic_write
 from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss, sample_preference
@@ -80,6 +81,14 @@ class TrainConfig:
     eval_every: int = field(default=100, metadata={"help": "steps between validation passes"})
     feature_cache: str | None = field(default=None, metadata={"help": "feature cache folder (default: the user cache)"})
     max_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per backbone batch while caching"})
+    candidate_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "train on each response position's label and the frozen LM's C - 1 likeliest other tokens, cached once, "
+            "instead of the whole vocabulary (exact for logits the heads leave unchanged; see paretoalign.candidates); "
+            "null: the whole vocabulary. Validation at the end of a run always uses the whole vocabulary"
+        },
+    )
     block_cache_layer: int | None = field(
         default=None,
         metadata={
@@ -106,9 +115,18 @@ class TrainConfig:
         for name in ("lambda_r", "lambda_g", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.candidate_tokens is not None and (
+            isinstance(self.candidate_tokens, bool) or not isinstance(self.candidate_tokens, int) or self.candidate_tokens < 2
+        ):
+            raise ValueError(f"candidate_tokens must be an integer >= 2 (the label and one other token) or null, got {self.candidate_tokens!r}")
         if self.max_train_pairs is not None and self.max_train_pairs < 1:
             raise ValueError(f"max_train_pairs must be a positive integer or null, got {self.max_train_pairs!r}")
-        self.model_config()  # validate the head settings now, not after caching features
+        heads = self.model_config()  # validate the head settings now, not after caching features
+        if self.candidate_tokens is not None and (heads.reward_layers or heads.reward_head == "full_rank"):
+            raise ValueError(
+                f"candidate_tokens needs a reward head that changes a few logits at a time (reward_layers = 0, reward_head "
+                f"not 'full_rank'), got reward_layers={heads.reward_layers!r}, reward_head={heads.reward_head!r}"
+            )
 
     def model_config(self) -> DualHeadConfig:
         overrides = dict(self.model)
@@ -167,10 +185,15 @@ class PreparedData:
     validation: dict[str, PairIndex]
     block_cache: FeatureCache | None = None  # the same sequences' input of block ``block_layer`` (reward branch)
     block_layer: int | None = None
+    candidates: CandidateCache | None = None  # candidate tokens of every response position (``candidate_tokens``)
 
-    def collate(self, index: PairIndex, pair_ids: np.ndarray) -> PairBatch:
-        """The pairs ``pair_ids`` of ``index`` as a :class:`PairBatch`, with the block states when cached."""
-        return collate_pairs(self.cache, index, pair_ids, self.block_cache, self.block_layer)
+    def collate(self, index: PairIndex, pair_ids: np.ndarray, candidates: bool = True) -> PairBatch:
+        """The pairs ``pair_ids`` of ``index`` as a :class:`PairBatch`, with the block states and (``candidates``)
+        the candidate tokens when cached."""
+        batch = collate_pairs(self.cache, index, pair_ids, self.block_cache, self.block_layer)
+        if candidates and self.candidates is not None:
+            batch.candidates = collate_candidates(self.candidates, index, pair_ids)
+        return batch
 
 
 def _subsample(pairs: list[PreferencePair], limit: int | None, seed: int) -> list[PreferencePair]:
@@ -218,7 +241,16 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
                 f"block_cache_layer must be at most {model.branch_layer} (N - reward_layers), got {config.block_cache_layer!r}"
             )
         block_cache = build_feature_cache(model, sequences, root, config.max_batch_tokens, progress, layer=block_layer)
-    return PreparedData(cache, indices["train"], indices["validation"], block_cache, block_layer)
+    candidates = None
+    if config.candidate_tokens is not None:
+        prompt_lengths = np.zeros(len(sequences), dtype=np.int64)  # (S,)
+        for split in indices.values():
+            for index in split.values():
+                prompt_lengths[index.chosen] = index.prompt_length
+                prompt_lengths[index.rejected] = index.prompt_length
+        lm_head = model.backbone.get_output_embeddings()
+        candidates = build_candidate_cache(lm_head, cache, prompt_lengths, config.candidate_tokens, progress)
+    return PreparedData(cache, indices["train"], indices["validation"], block_cache, block_layer, candidates)
 
 
 def collate_pairs(
@@ -254,6 +286,14 @@ def collate_pairs(
         attention_mask[i, start:] = 1
         response_mask[i, start + int(prompt_length) :] = 1
     return PairBatch(hidden, input_ids, attention_mask, response_mask, block_hidden, block_layer)
+
+
+def collate_candidates(candidates: CandidateCache, index: PairIndex, pair_ids: np.ndarray) -> CandidateBatch:
+    """The candidate tokens of the batch :func:`collate_pairs` makes from the same pairs, in its row-major order."""
+    rows = np.concatenate([index.chosen[pair_ids], index.rejected[pair_ids]])  # (2B,)
+    parts = [candidates.sequence(int(row)) for row in rows]
+    ids, logprobs, tail = (np.concatenate([part[i] for part in parts]) for i in range(3))
+    return CandidateBatch(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(np.array(logprobs)), torch.from_numpy(np.array(tail)))
 
 
 def batch_pair_ids(num_pairs: int, batch_size: int, step: int, seed: int, stream: int) -> np.ndarray:
@@ -301,23 +341,30 @@ def training_loss(model: DualHeadModel, batches: list[PairBatch], preference: to
 
 
 @torch.no_grad()
-def evaluate(model: DualHeadModel, data: PreparedData, config: TrainConfig, preferences=None, batch_pairs: int = 16) -> dict:
-    """Validation ARM accuracy per objective at each preference (default: one-hot and uniform)."""
+def evaluate(
+    model: DualHeadModel, data: PreparedData, config: TrainConfig, preferences=None, batch_pairs: int = 16, exact: bool = True
+) -> dict:
+    """Validation ARM accuracy per objective at each preference (default: one-hot and uniform).
+
+    ``exact`` reads the reward head out over the whole vocabulary (what decoding and ``arm-accuracy`` see); otherwise
+    at the cached candidate tokens, as training does (much faster; exact only for a head that leaves the rest alone).
+    """
     k = len(config.objectives)
     preferences = preferences or [tuple(float(i == j) for j in range(k)) for i in range(k)] + [tuple([1.0 / k] * k)]
     model.eval()
     results = {}
     for objective, index in data.validation.items():
-        for preference in preferences:
-            correct = 0
-            for start in range(0, len(index.chosen), batch_pairs):
-                ids = np.arange(start, min(start + batch_pairs, len(index.chosen)))
-                batch = data.collate(index, ids).to(model.device)
+        correct = [0] * len(preferences)
+        for start in range(0, len(index.chosen), batch_pairs):
+            ids = np.arange(start, min(start + batch_pairs, len(index.chosen)))
+            batch = data.collate(index, ids, candidates=not exact).to(model.device)
+            for slot, preference in enumerate(preferences):
                 rows = torch.tensor(preference, device=model.device).expand(batch.input_ids.shape[0], -1)
-                chosen, rejected = score_pairs(model, batch, rows, fused=False).chosen_and_rejected()
-                correct += int((chosen > rejected).sum())
+                chosen, rejected = score_pairs(model, batch, rows, fused=False, exact=exact).chosen_and_rejected()
+                correct[slot] += int((chosen > rejected).sum())
+        for slot, preference in enumerate(preferences):
             label = ",".join(f"{w:g}" for w in preference)
-            results[f"val/{objective}/accuracy@{label}"] = correct / max(len(index.chosen), 1)
+            results[f"val/{objective}/accuracy@{label}"] = correct[slot] / max(len(index.chosen), 1)
     model.train()
     return results
 
@@ -455,8 +502,9 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
         rates = scheduler.get_last_lr()  # [reward head and branch, the rest] (one entry when a group is empty)
         record = {"step": done, "lr": rates[-1], "reward_lr": rates[0], "grad_norm": float(grad_norm), "preference": preference.tolist(), **stats}
         if done % config.eval_every == 0 or done == config.steps:
-            final_eval = evaluate(model, data, config)
-            record.update(final_eval)
+            exact = config.candidate_tokens is None or done == config.steps  # the last one always over the vocabulary
+            final_eval = evaluate(model, data, config, exact=exact)
+            record.update(final_eval, val_readout="vocabulary" if exact else f"candidates-{config.candidate_tokens}")
         if accelerator.is_main_process:
             _append_log(log_path, record)
             if done % config.checkpoint_every == 0 or done == config.steps:
