@@ -48,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per repeat and mode")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--candidate-tokens", type=int, default=64, help="C of the candidates mode")
+    parser.add_argument("--tail-samples", type=int, default=64, help="S tail samples per position in the candidates mode")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", action="store_true")
     return parser.parse_args()
@@ -76,7 +77,9 @@ def main() -> None:
         for index in indices.values():
             prompt_lengths[index.chosen] = prompt_lengths[index.rejected] = index.prompt_length
         started = time.perf_counter()
-        candidates = build_candidate_cache(backbone.get_output_embeddings(), cache, prompt_lengths, args.candidate_tokens, progress=False)
+        candidates = build_candidate_cache(
+            backbone.get_output_embeddings(), cache, prompt_lengths, args.candidate_tokens, args.tail_samples, progress=False
+        )
         candidate_seconds = time.perf_counter() - started
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -130,6 +133,7 @@ def main() -> None:
         "backbone": "tiny" if args.tiny else args.backbone,
         "batch_pairs_per_objective": args.batch_pairs,
         "candidate_tokens": args.candidate_tokens,
+        "tail_samples": args.tail_samples,
         "cached_steps_per_s": cached,
         "backbone_steps_per_s": every_step,
         "candidates_steps_per_s": sparse,
@@ -146,7 +150,7 @@ def main() -> None:
     print(f"{'mode':<36}{'steps/s':>10}{'vs backbone':>14}")
     print(f"{'backbone every step':<36}{every_step:>10.3f}{1.0:>13.2f}x")
     print(f"{'from the feature cache':<36}{cached:>10.3f}{result['speedup']:>13.2f}x")
-    print(f"{f'cache + {args.candidate_tokens} candidate tokens':<36}{sparse:>10.3f}{result['candidates_speedup']:>13.2f}x")
+    print(f"{f'cache + {args.candidate_tokens} candidates + {args.tail_samples} tail':<36}{sparse:>10.3f}{result['candidates_speedup']:>13.2f}x")
     print(f"(building the feature cache of {len(sequences)} sequences took {cache_seconds:.1f} s once, the candidates {candidate_seconds:.1f} s)")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -39,22 +40,31 @@ def label_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)  # (...)
 
 
-def candidate_label_logprobs(base_logprobs: torch.Tensor, tail: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def candidate_label_logprobs(
+    base_logprobs: torch.Tensor, tail: torch.Tensor, shift: torch.Tensor, tail_shift: torch.Tensor | None = None
+) -> torch.Tensor:
     """``log_softmax(z + Δ)[label]`` from the base log-probs of a few candidates, the label in column 0.
 
     ``z`` are the base logits over the whole vocabulary, of which only the candidates' log-probs are known:
     ``base_logprobs`` ``(N, C)`` and ``tail`` ``(N,)``, the log of the base probability of every other token.
-    ``shift`` ``(N, C)`` is ``Δ`` at the candidates; the other tokens keep ``Δ = 0``. Then
+    ``shift`` ``(N, C)`` is ``Δ`` at the candidates. ``tail_shift`` ``(N, S)`` is ``Δ`` at ``S`` tokens drawn from
+    the base distribution restricted to the tail, which estimates the tail's share ``sum_tail pi(v) e^{Δ_v}`` as
+    ``pi(tail) · mean_s e^{Δ_s}``; without it the tail keeps ``Δ = 0``. Then
 
-        log_softmax(z + Δ)[y] = log pi(y) + Δ_y - log( sum_c pi(c) e^{Δ_c} + pi(tail) )
+        log_softmax(z + Δ)[y] = log pi(y) + Δ_y - log( sum_c pi(c) e^{Δ_c} + sum_tail pi(v) e^{Δ_v} )
 
-    exactly (no ``V``-wide tensor). Returns ``(N,)``.
+    with no ``V``-wide tensor: exact when ``Δ`` is zero (or, with ``tail_shift``, constant) on the tail. Returns ``(N,)``.
     """
     _check_shapes(base_logprobs=base_logprobs, shift=shift)
     if base_logprobs.dim() != 2 or tail.shape != base_logprobs.shape[:1]:
         raise ValueError(f"base_logprobs must be (N, C) and tail (N,), got {tuple(base_logprobs.shape)} and {tuple(tail.shape)}")
     shifted = base_logprobs + shift  # (N, C)
-    normaliser = torch.cat([shifted, tail[:, None].to(shifted.dtype)], dim=-1).logsumexp(-1)  # (N,)
+    tail = tail.to(shifted.dtype)  # (N,)
+    if tail_shift is not None:
+        if tail_shift.dim() != 2 or tail_shift.shape[0] != shift.shape[0] or tail_shift.shape[1] < 1:
+            raise ValueError(f"tail_shift must be (N, S) with S >= 1, got {tuple(tail_shift.shape)} for N = {shift.shape[0]}")
+        tail = tail + tail_shift.logsumexp(-1) - math.log(tail_shift.shape[1])  # (N,) log(pi(tail) · mean_s e^{Δ_s})
+    normaliser = torch.cat([shifted, tail[:, None]], dim=-1).logsumexp(-1)  # (N,)
     return shifted[:, 0] - normaliser  # (N,)
 
 

@@ -113,12 +113,18 @@ def score_pairs(
             raise ValueError("candidate tokens score heads over the final hidden state; a reward branch (reward_layers > 0) needs the whole vocabulary")
         if candidates.ids.shape[0] != targets.shape[0] or not torch.equal(candidates.ids[:, 0], targets):
             raise ValueError("the batch's candidate tokens do not belong to its response tokens (label column differs)")
-        reward_readout = model.reward_head.candidate_shift(selected.float(), preference[rows], candidates.ids)  # (N, C) z_RM - z_LM
-        reward_token_logprobs = candidate_label_logprobs(candidates.logprobs, candidates.tail, reward_readout)  # (N,)
+        count = candidates.num_candidates
+
+        def renormalised(change: torch.Tensor) -> torch.Tensor:  # (N, C + S) change to z_LM -> (N,) log-prob of the label
+            tail_change = change[:, count:] if change.shape[1] > count else None  # (N, S) at the tail samples
+            return candidate_label_logprobs(candidates.logprobs, candidates.tail, change[:, :count], tail_change)
+
+        reward_readout = model.reward_head.candidate_shift(selected.float(), preference[rows], candidates.ids)  # (N, C + S)
+        reward_token_logprobs = renormalised(reward_readout)  # (N,)
         lm_token_logprobs = candidates.logprobs[:, 0]  # (N,)
 
         def fused_logprobs(alpha: torch.Tensor, change: torch.Tensor) -> torch.Tensor:  # gate fusion: z_LM + s·alpha·Δ
-            return candidate_label_logprobs(candidates.logprobs, candidates.tail, (strength * alpha)[:, None] * change)  # (N,)
+            return renormalised((strength * alpha)[:, None] * change)  # (N,)
 
     else:
         lm_logits = model.backbone.get_output_embeddings()(selected).float()  # (N, V)
@@ -146,7 +152,7 @@ def score_pairs(
     if not fused:
         return ResponseScores(rewards, None, rows, None, mask)
     alpha, _ = model.context_gate(batch.hidden.float(), batch.attention_mask, preference)  # (2B, T)
-    # reward_readout: z_RM - z_LM at the candidates (N, C), or z_RM over the vocabulary (N, V)
+    # reward_readout: z_RM - z_LM at the candidates and tail samples (N, C + S), or z_RM over the vocabulary (N, V)
     fusion_reward = reward_readout if reward_grad_from_fusion else reward_readout.detach()
     return ResponseScores(rewards, fused_logprobs(alpha[rows, cols], fusion_reward), rows, alpha[:, :-1], mask)
 

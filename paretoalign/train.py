@@ -81,6 +81,14 @@ class TrainConfig:
     eval_every: int = field(default=100, metadata={"help": "steps between validation passes"})
     feature_cache: str | None = field(default=None, metadata={"help": "feature cache folder (default: the user cache)"})
     max_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per backbone batch while caching"})
+    tail_samples: int = field(
+        default=0,
+        metadata={
+            "help": "with candidate_tokens: tokens drawn per position from the LM's distribution over the other tokens, "
+            "so the heads pay for raising them too (an importance-sampled renormalisation); 0: the other tokens keep "
+            "the LM's logits"
+        },
+    )
     candidate_tokens: int | None = field(
         default=None,
         metadata={
@@ -119,6 +127,8 @@ class TrainConfig:
             isinstance(self.candidate_tokens, bool) or not isinstance(self.candidate_tokens, int) or self.candidate_tokens < 2
         ):
             raise ValueError(f"candidate_tokens must be an integer >= 2 (the label and one other token) or null, got {self.candidate_tokens!r}")
+        if isinstance(self.tail_samples, bool) or not isinstance(self.tail_samples, int) or self.tail_samples < 0:
+            raise ValueError(f"tail_samples must be an integer >= 0, got {self.tail_samples!r}")
         if self.max_train_pairs is not None and self.max_train_pairs < 1:
             raise ValueError(f"max_train_pairs must be a positive integer or null, got {self.max_train_pairs!r}")
         heads = self.model_config()  # validate the head settings now, not after caching features
@@ -249,7 +259,9 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
                 prompt_lengths[index.chosen] = index.prompt_length
                 prompt_lengths[index.rejected] = index.prompt_length
         lm_head = model.backbone.get_output_embeddings()
-        candidates = build_candidate_cache(lm_head, cache, prompt_lengths, config.candidate_tokens, progress)
+        candidates = build_candidate_cache(
+            lm_head, cache, prompt_lengths, config.candidate_tokens, config.tail_samples, config.seed, progress
+        )
     return PreparedData(cache, indices["train"], indices["validation"], block_cache, block_layer, candidates)
 
 

@@ -38,6 +38,27 @@ def test_candidate_label_logprobs_are_exact_when_the_rest_is_unshifted():
     torch.testing.assert_close(candidate_label_logprobs(base, tail, change), label_logprobs(logits + full, labels))
 
 
+def test_tail_samples_make_a_constant_tail_shift_exact_and_estimate_a_varying_one():
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 50, generator=generator) * 2  # (N, V)
+    labels = torch.randint(0, 50, (4,), generator=generator)
+    ids, base, tail = position_candidates(logits, labels, 6, tail_samples=3, generator=generator)
+    assert ids.shape == (4, 9)
+    for row in ids:  # samples come from the tail, never from the candidates
+        assert not set(row[6:].tolist()) & set(row[:6].tolist())
+    change = torch.randn(4, 6, generator=generator)
+    full = torch.full((4, 50), 0.7).scatter(-1, ids[:, :6], change)  # Δ = 0.7 on the whole tail
+    exact = label_logprobs(logits + full, labels)
+    torch.testing.assert_close(candidate_label_logprobs(base, tail, change, torch.full((4, 3), 0.7)), exact)
+    # A tail shift that varies: many samples estimate the tail's share of the normaliser.
+    varying = torch.randn(4, 50, generator=generator).scatter(-1, ids[:, :6], change)
+    ids, base, tail = position_candidates(logits, labels, 6, tail_samples=20000, generator=torch.Generator().manual_seed(3))
+    estimate = candidate_label_logprobs(base, tail, change, varying.gather(-1, ids[:, 6:]))
+    torch.testing.assert_close(estimate, label_logprobs(logits + varying, labels), atol=0.02, rtol=0)
+    with pytest.raises(ValueError, match="tail_shift must be \\(N, S\\)"):
+        candidate_label_logprobs(base, tail, change, torch.zeros(4, 0))
+
+
 def test_position_candidates_put_the_label_first_and_account_for_all_probability():
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(6, 20, generator=generator)
@@ -80,8 +101,8 @@ def test_full_rank_head_refuses_candidate_tokens(make_model):
         model.reward_head.candidate_shift(torch.randn(2, model.config.hidden_size), torch.tensor([[1.0, 0.0]] * 2), torch.zeros(2, 3, dtype=torch.long))
 
 
-def _prepared(backbone, tokenizer, small_data, tmp_path, candidate_tokens):
-    config = make_config(small_data, tmp_path, candidate_tokens=candidate_tokens)
+def _prepared(backbone, tokenizer, small_data, tmp_path, candidate_tokens, tail_samples=0):
+    config = make_config(small_data, tmp_path, candidate_tokens=candidate_tokens, tail_samples=tail_samples)
     model = fresh_model(backbone, tokenizer, config)
     from conftest import randomize_adapters
 
@@ -104,7 +125,7 @@ def test_scores_on_the_whole_vocabulary_as_candidates_equal_the_exact_ones(backb
 
 
 def test_joined_batches_keep_candidates_aligned_with_their_tokens(backbone, tokenizer, small_data, tmp_path):
-    config, model, data = _prepared(backbone, tokenizer, small_data, tmp_path, 6)
+    config, model, data = _prepared(backbone, tokenizer, small_data, tmp_path, 6, tail_samples=4)
     batches = [data.collate(data.train[name], np.arange(3)) for name in config.objectives]
     loss, _ = training_loss(model, batches, torch.tensor([0.5, 0.5]), config)  # score_pairs checks the label column
     assert torch.isfinite(loss)
@@ -117,6 +138,7 @@ def test_joined_batches_keep_candidates_aligned_with_their_tokens(backbone, toke
 def test_candidate_cache_is_built_once_and_checks_its_inputs(backbone, tokenizer, small_data, tmp_path, monkeypatch):
     config, model, data = _prepared(backbone, tokenizer, small_data, tmp_path, 8)
     assert json.loads((data.candidates.directory / "candidates.json").read_text())["num_candidates"] == 8
+    assert data.candidates.ids.shape[1] == 8 and data.candidates.num_candidates == 8
     from paretoalign import candidates as candidates_module
 
     monkeypatch.setattr(candidates_module, "position_candidates", lambda *a: (_ for _ in ()).throw(AssertionError("rebuilt")))
@@ -128,7 +150,7 @@ def test_candidate_cache_is_built_once_and_checks_its_inputs(backbone, tokenizer
 
 
 def test_training_on_candidates_lowers_the_loss_and_validates_on_the_vocabulary(backbone, tokenizer, small_data, tmp_path):
-    config = make_config(small_data, tmp_path, steps=20, checkpoint_every=20, eval_every=10, candidate_tokens=16)
+    config = make_config(small_data, tmp_path, steps=20, checkpoint_every=20, eval_every=10, candidate_tokens=16, tail_samples=8)
     model = fresh_model(backbone, tokenizer, config)
     data = prepare_data(config, model, progress=False)
     fixed = [data.collate(data.train[name], np.arange(8)) for name in config.objectives]
@@ -147,6 +169,8 @@ def test_training_on_candidates_lowers_the_loss_and_validates_on_the_vocabulary(
 def test_candidate_tokens_setting_is_validated(small_data, tmp_path):
     with pytest.raises(ValueError, match="candidate_tokens must be an integer >= 2.*got 1"):
         make_config(small_data, tmp_path, candidate_tokens=1)
+    with pytest.raises(ValueError, match="tail_samples must be an integer >= 0.*got -1"):
+        make_config(small_data, tmp_path, candidate_tokens=4, tail_samples=-1)
     with pytest.raises(ValueError, match="candidate_tokens needs .*reward_layers=1"):
         make_config(small_data, tmp_path, candidate_tokens=4, model={"gate_size": 16, "gate_heads": 2, "reward_layers": 1})
     with pytest.raises(ValueError, match="candidate_tokens needs .*reward_head='full_rank'"):
