@@ -34,6 +34,7 @@ from paretoalign.train import (  # noqa: E402
     add_pair_sequences,
     collate_candidates,
     collate_pairs,
+    sequence_prompt_lengths,
     step_preference,
     training_loss,
 )
@@ -73,9 +74,7 @@ def main() -> None:
         started = time.perf_counter()
         cache = build_feature_cache(model, sequences, root, progress=False)
         cache_seconds = time.perf_counter() - started
-        prompt_lengths = np.zeros(len(sequences), dtype=np.int64)
-        for index in indices.values():
-            prompt_lengths[index.chosen] = prompt_lengths[index.rejected] = index.prompt_length
+        prompt_lengths = sequence_prompt_lengths(list(indices.values()), len(sequences))
         started = time.perf_counter()
         candidates = build_candidate_cache(
             backbone.get_output_embeddings(), cache, prompt_lengths, args.candidate_tokens, args.tail_samples, progress=False

@@ -253,11 +253,7 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
         block_cache = build_feature_cache(model, sequences, root, config.max_batch_tokens, progress, layer=block_layer)
     candidates = None
     if config.candidate_tokens is not None:
-        prompt_lengths = np.zeros(len(sequences), dtype=np.int64)  # (S,)
-        for split in indices.values():
-            for index in split.values():
-                prompt_lengths[index.chosen] = index.prompt_length
-                prompt_lengths[index.rejected] = index.prompt_length
+        prompt_lengths = sequence_prompt_lengths([i for split in indices.values() for i in split.values()], len(sequences))
         lm_head = model.backbone.get_output_embeddings()
         candidates = build_candidate_cache(
             lm_head, cache, prompt_lengths, config.candidate_tokens, config.tail_samples, config.seed, progress
@@ -298,6 +294,14 @@ def collate_pairs(
         attention_mask[i, start:] = 1
         response_mask[i, start + int(prompt_length) :] = 1
     return PairBatch(hidden, input_ids, attention_mask, response_mask, block_hidden, block_layer)
+
+
+def sequence_prompt_lengths(indices: list[PairIndex], num_sequences: int) -> np.ndarray:
+    """``(S,)`` prompt tokens before each cached sequence's reply, from the pair indices that placed them."""
+    prompt_lengths = np.zeros(num_sequences, dtype=np.int64)
+    for index in indices:
+        prompt_lengths[index.chosen] = prompt_lengths[index.rejected] = index.prompt_length
+    return prompt_lengths
 
 
 def collate_candidates(candidates: CandidateCache, index: PairIndex, pair_ids: np.ndarray) -> CandidateBatch:
