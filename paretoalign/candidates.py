@@ -15,8 +15,8 @@ The heads then change the logits of those ``C + S`` tokens only (:meth:`RewardHe
 which lets a head move tail tokens without paying for it). Decoding and ``arm-accuracy`` always use the whole
 vocabulary.
 
-Files are plain ``.npy`` (memory-mapped, never unpickled) in a folder inside the feature cache, named by the
-number of candidates and a hash of the response boundaries; it is built into a temporary folder and moved into
+Files are plain ``.npy`` (memory-mapped, never unpickled) in a folder inside the feature cache, named by ``C``,
+``S`` and a hash of them, the sampling seed and the response boundaries; it is built into a temporary folder and moved into
 place in one rename, so an interrupted build leaves nothing half-written.
 """
 
@@ -202,8 +202,15 @@ def build_candidate_cache(
         assert written == total, (written, total)
         for store in (ids, logprobs, tail):
             store.flush()
-        meta = {"num_candidates": num_candidates, "tail_samples": tail_samples, "seed": seed, "positions": total, "sequences": len(counts), "seconds": round(time.time() - began, 1),
-                "mean_tail_probability": float(np.exp(tail[:]).mean()) if total else 0.0}
+        meta = {
+            "num_candidates": num_candidates,
+            "tail_samples": tail_samples,
+            "seed": seed,
+            "positions": total,
+            "sequences": len(counts),
+            "seconds": round(time.time() - began, 1),
+            "mean_tail_probability": float(np.exp(tail[:]).mean()) if total else 0.0,
+        }
         (folder / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
     atomic_directory(directory, build, marker=META_NAME)

@@ -77,7 +77,6 @@ class RewardHead(nn.Module):
             return lm_logits + lm_head(shift.to(lm_head.weight.dtype)).to(lm_logits.dtype)  # (B, T, V)
         return lm_logits + self.adapter.adapter_output(hidden, preference).to(lm_logits.dtype)  # (B, T, V)
 
-
     def candidate_shift(self, hidden: torch.Tensor, preference: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """``z_RM - z_LM`` at a few candidate tokens per position: ``(N, d)``, ``(N, k)``, ``(N, C)`` ids -> ``(N, C)``.
 

@@ -92,8 +92,8 @@ def score_pairs(
     """Run the reward head (and, with ``fused``, the gate and the fusion) over cached hidden states.
 
     With ``batch.candidates`` (and not ``exact``) the heads are read out at each position's candidate tokens only
-    (:mod:`paretoalign.candidates`): the same rewards and fused log-probs for a head that changes no other logit,
-    at a small fraction of the cost; otherwise over the whole vocabulary.
+    (:mod:`paretoalign.candidates`): the same rewards and fused log-probs for a head that changes no other logit (with
+    tail samples, an estimate of the rest's share otherwise), at a small fraction of the cost; else the whole vocabulary.
 
     Args:
         preference: ``(2B, k)``, one preference per sequence.
