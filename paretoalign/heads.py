@@ -77,22 +77,33 @@ class RewardHead(nn.Module):
             return lm_logits + lm_head(shift.to(lm_head.weight.dtype)).to(lm_logits.dtype)  # (B, T, V)
         return lm_logits + self.adapter.adapter_output(hidden, preference).to(lm_logits.dtype)  # (B, T, V)
 
-    def candidate_shift(self, hidden: torch.Tensor, preference: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    def candidate_shift(
+        self, hidden: torch.Tensor, preference: torch.Tensor, candidates: torch.Tensor, base_hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``z_RM - z_LM`` at a few candidate tokens per position: ``(N, d)``, ``(N, k)``, ``(N, C)`` ids -> ``(N, C)``.
 
         Equals ``(forward(hidden, lm_logits, preference) - lm_logits).gather(-1, candidates)`` without a ``V``-wide
         product, which is what lets training score only each position's likeliest tokens (:mod:`paretoalign.candidates`).
+        ``base_hidden`` ``(N, d)``: the backbone's final state when ``hidden`` is a reward branch's own (``reward_layers``
+        > 0); ``z_LM`` is read from it, so the LM head's change ``W·(hidden - base_hidden)`` is added.
         ``full_rank`` changes every logit through a trainable ``V × d`` matrix and has no such shortcut.
         """
         if self.kind == "full_rank":
             raise ValueError("reward head kind 'full_rank' changes every logit; train it on the whole vocabulary (candidate_tokens = null)")
         preference = self._adapter_preference(preference)
+        hidden = hidden.float()
+        moved = None if base_hidden is None else hidden - base_hidden.float()  # (N, d) the branch's change of the state
         if self.kind == "hidden":
-            lm_head = self.lm_head[0]
-            shift = self.adapter.adapter_output(hidden.float(), preference)  # (N, d)
-            embeddings = lm_head.weight[candidates].float()  # (N, C, d)
-            return torch.einsum("nd,ncd->nc", shift, embeddings)  # (N, C)
-        return self.adapter.adapter_output_rows(hidden.float(), preference, candidates)  # (N, C)
+            shift = self.adapter.adapter_output(hidden, preference)  # (N, d)
+            moved = shift if moved is None else moved + shift
+            return self._embedding_rows(candidates, moved)  # (N, C)
+        shift = self.adapter.adapter_output_rows(hidden, preference, candidates)  # (N, C)
+        return shift if moved is None else shift + self._embedding_rows(candidates, moved)
+
+    def _embedding_rows(self, candidates: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """The frozen LM head's logits of ``state`` ``(N, d)`` at ``candidates`` ``(N, C)`` only: ``(N, C)``."""
+        weight = self.lm_head[0].weight if self.lm_head is not None else self.adapter.base_layer.weight
+        return torch.einsum("nd,ncd->nc", state, weight[candidates].float())
 
 
 class RewardBranch(nn.Module):

@@ -109,8 +109,6 @@ def score_pairs(
     targets = labels[rows, cols]  # (N,)
     candidates = None if exact else batch.candidates
     if candidates is not None:
-        if model.reward_branch is not None:
-            raise ValueError("candidate tokens score heads over the final hidden state; a reward branch (reward_layers > 0) needs the whole vocabulary")
         if candidates.ids.shape[0] != targets.shape[0] or not torch.equal(candidates.ids[:, 0], targets):
             raise ValueError("the batch's candidate tokens do not belong to its response tokens (label column differs)")
         count = candidates.num_candidates
@@ -119,7 +117,10 @@ def score_pairs(
             tail_change = change[:, count:] if change.shape[1] > count else None  # (N, S) at the tail samples
             return candidate_label_logprobs(candidates.logprobs, candidates.tail, change[:, :count], tail_change)
 
-        reward_readout = model.reward_head.candidate_shift(selected.float(), preference[rows], candidates.ids)  # (N, C + S)
+        reward_selected, base_selected = selected, None
+        if model.reward_branch is not None:
+            reward_selected, base_selected = _branch_states(model, batch, preference)[rows, cols], selected  # (N, d) each
+        reward_readout = model.reward_head.candidate_shift(reward_selected, preference[rows], candidates.ids, base_selected)  # (N, C + S)
         reward_token_logprobs = renormalised(reward_readout)  # (N,)
         lm_token_logprobs = candidates.logprobs[:, 0]  # (N,)
 
@@ -130,10 +131,7 @@ def score_pairs(
         lm_logits = model.backbone.get_output_embeddings()(selected).float()  # (N, V)
         reward_selected, shared = selected, lm_logits
         if model.reward_branch is not None:
-            branch = model.reward_hidden(
-                batch.hidden, batch.block_hidden, batch.attention_mask, preference, from_layer=batch.block_layer
-            )  # (2B, T, d)
-            reward_selected, shared = branch[rows, cols], None  # (N, d): read out by the reward head itself
+            reward_selected, shared = _branch_states(model, batch, preference)[rows, cols], None  # (N, d): read out by the reward head itself
         reward_readout = model.reward_logits(
             reward_selected[:, None], preference[rows], None if shared is None else shared[:, None]
         )[:, 0]  # (N, V) z_RM
@@ -155,6 +153,11 @@ def score_pairs(
     # reward_readout: z_RM - z_LM at the candidates and tail samples (N, C + S), or z_RM over the vocabulary (N, V)
     fusion_reward = reward_readout if reward_grad_from_fusion else reward_readout.detach()
     return ResponseScores(rewards, fused_logprobs(alpha[rows, cols], fusion_reward), rows, alpha[:, :-1], mask)
+
+
+def _branch_states(model: DualHeadModel, batch: PairBatch, preference: torch.Tensor) -> torch.Tensor:
+    """The reward branch's hidden states ``(2B, T, d)`` over the batch's cached block input."""
+    return model.reward_hidden(batch.hidden, batch.block_hidden, batch.attention_mask, preference, from_layer=batch.block_layer)
 
 
 @torch.no_grad()

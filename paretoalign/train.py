@@ -132,10 +132,10 @@ class TrainConfig:
         if self.max_train_pairs is not None and self.max_train_pairs < 1:
             raise ValueError(f"max_train_pairs must be a positive integer or null, got {self.max_train_pairs!r}")
         heads = self.model_config()  # validate the head settings now, not after caching features
-        if self.candidate_tokens is not None and (heads.reward_layers or heads.reward_head == "full_rank"):
+        if self.candidate_tokens is not None and heads.reward_head == "full_rank":
             raise ValueError(
-                f"candidate_tokens needs a reward head that changes a few logits at a time (reward_layers = 0, reward_head "
-                f"not 'full_rank'), got reward_layers={heads.reward_layers!r}, reward_head={heads.reward_head!r}"
+                "candidate_tokens needs a reward head whose change to a logit can be read out alone (reward_head "
+                f"not 'full_rank'), got reward_head={heads.reward_head!r}"
             )
 
     def model_config(self) -> DualHeadConfig:

@@ -95,14 +95,27 @@ def test_candidate_shift_equals_the_reward_heads_change_at_those_tokens(make_mod
     torch.testing.assert_close(model.reward_head.candidate_shift(hidden, preference, ids), full.gather(-1, ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["pblora", "hidden"])
+def test_candidate_shift_of_a_branch_state_adds_the_lm_heads_change(make_model, kind):
+    model = make_model(reward_head=kind)
+    base, branch = torch.randn(2, 5, model.config.hidden_size)  # the backbone's final state, a reward branch's own
+    preference = torch.tensor([[0.8, 0.2]] * 5)
+    lm_head = model.backbone.get_output_embeddings()
+    full = model.reward_head(branch, lm_head(branch), preference) - lm_head(base)  # (N, V) z_RM(h') - z_LM(h)
+    ids = torch.randint(0, model.config.vocab_size, (5, 7))
+    shift = model.reward_head.candidate_shift(branch, preference, ids, base_hidden=base)
+    torch.testing.assert_close(shift, full.gather(-1, ids), atol=1e-4, rtol=1e-4)
+
+
 def test_full_rank_head_refuses_candidate_tokens(make_model):
     model = make_model(reward_head="full_rank")
     with pytest.raises(ValueError, match="full_rank"):
         model.reward_head.candidate_shift(torch.randn(2, model.config.hidden_size), torch.tensor([[1.0, 0.0]] * 2), torch.zeros(2, 3, dtype=torch.long))
 
 
-def _prepared(backbone, tokenizer, small_data, tmp_path, candidate_tokens, tail_samples=0):
-    config = make_config(small_data, tmp_path, candidate_tokens=candidate_tokens, tail_samples=tail_samples)
+def _prepared(backbone, tokenizer, small_data, tmp_path, candidate_tokens, tail_samples=0, reward_layers=0):
+    model_settings = {"gate_size": 16, "gate_heads": 2, "reward_layers": reward_layers}
+    config = make_config(small_data, tmp_path, candidate_tokens=candidate_tokens, tail_samples=tail_samples, model=model_settings)
     model = fresh_model(backbone, tokenizer, config)
     from conftest import randomize_adapters
 
@@ -110,9 +123,10 @@ def _prepared(backbone, tokenizer, small_data, tmp_path, candidate_tokens, tail_
     return config, model, prepare_data(config, model, progress=False)
 
 
-def test_scores_on_the_whole_vocabulary_as_candidates_equal_the_exact_ones(backbone, tokenizer, small_data, tmp_path):
+@pytest.mark.parametrize("reward_layers", [0, 1])
+def test_scores_on_the_whole_vocabulary_as_candidates_equal_the_exact_ones(backbone, tokenizer, small_data, tmp_path, reward_layers):
     vocab = backbone.get_output_embeddings().out_features
-    config, model, data = _prepared(backbone, tokenizer, small_data, tmp_path, vocab)
+    config, model, data = _prepared(backbone, tokenizer, small_data, tmp_path, vocab, reward_layers=reward_layers)
     for objective in config.objectives:
         batch = data.collate(data.train[objective], np.arange(5))
         assert batch.candidates is not None and batch.candidates.ids.shape[1] == vocab
@@ -171,7 +185,5 @@ def test_candidate_tokens_setting_is_validated(small_data, tmp_path):
         make_config(small_data, tmp_path, candidate_tokens=1)
     with pytest.raises(ValueError, match="tail_samples must be an integer >= 0.*got -1"):
         make_config(small_data, tmp_path, candidate_tokens=4, tail_samples=-1)
-    with pytest.raises(ValueError, match="candidate_tokens needs .*reward_layers=1"):
-        make_config(small_data, tmp_path, candidate_tokens=4, model={"gate_size": 16, "gate_heads": 2, "reward_layers": 1})
     with pytest.raises(ValueError, match="candidate_tokens needs .*reward_head='full_rank'"):
         make_config(small_data, tmp_path, candidate_tokens=4, model={"gate_size": 16, "gate_heads": 2, "reward_head": "full_rank"})
