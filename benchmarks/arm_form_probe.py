@@ -14,7 +14,10 @@ the training pairs) over the default config's cached final hidden states and rep
 each summed over the response (GenARM's ``reward_reduction`` "sum") and averaged ("mean"), plus the two
 one-feature rules "the base LM's log-likelihood is higher" and "the longer reply wins".
 
-    python benchmarks/arm_form_probe.py [--config configs/default.json] [--rank 48]
+    python benchmarks/arm_form_probe.py [--config configs/default.json] [--rank 48] [--train-pairs 375,750,1500]
+
+``--train-pairs`` fits every probe on n training pairs (a seeded random subset) of each objective too (one row per n), which shows
+how a form's validation accuracy grows with data.
 
 Needs the config's feature cache (``paretoalign train --config ...`` builds it; a missing cache is built first,
 31 min on 2 CPU cores). Takes ~8 min on 2 CPU cores for 1,500 + 200 pairs per objective.
@@ -46,6 +49,9 @@ def sequence_features(cache, embedding: torch.Tensor, sequence: int, prompt_leng
     return before, centred, loglik
 
 
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 3.0, 10.0)  # the per-token forms need the strong end to stop memorising
+
+
 def fit_logistic(x: torch.Tensor, l2: float) -> torch.Tensor:
     """Bradley–Terry weights on pair differences ``x`` (P, D): minimise mean softplus(−x·w) + l2·|w|²."""
     weights = torch.zeros(x.shape[1], requires_grad=True)
@@ -67,7 +73,7 @@ def probe(train: torch.Tensor, validation: torch.Tensor) -> tuple[float, float, 
     train, validation = train / scale, validation / scale
     folds = torch.arange(len(train)) % 5
     best = (-1.0, 0.0)
-    for l2 in (1e-4, 1e-3, 1e-2, 1e-1, 1.0):
+    for l2 in L2_GRID:
         accuracies = [((train[folds == f] @ fit_logistic(train[folds != f], l2)) > 0).float().mean().item() for f in range(5)]
         best = max(best, (float(np.mean(accuracies)), l2))
     weights = fit_logistic(train, best[1])
@@ -78,7 +84,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/default.json")
     parser.add_argument("--rank", type=int, default=48, help="principal directions of h and of e_y - E[e] (bilinear)")
+    parser.add_argument("--train-pairs", default=None, help="comma-separated training-set sizes to fit on as well (default: all)")
     args = parser.parse_args()
+    try:
+        sizes = sorted({int(n) for n in args.train_pairs.split(",")}) if args.train_pairs else []
+    except ValueError:
+        raise SystemExit(f"--train-pairs must be comma-separated integers, got {args.train_pairs!r}") from None
+    if any(n < 10 for n in sizes):
+        raise SystemExit(f"--train-pairs: every size must be at least 10 pairs, got {args.train_pairs!r}")
     torch.manual_seed(0)
     config = TrainConfig.from_json(args.config)
     backbone, tokenizer = load_backbone(config.backbone)
@@ -111,17 +124,20 @@ def main() -> None:
                         rows["length"].append(torch.tensor([float(len(before))]))
                 features[(split, objective)] = {name: torch.stack(values) for name, values in rows.items()}
                 print(f"features: {split} {objective} ({len(index.chosen)} pairs, {time.perf_counter() - start:.0f} s)", flush=True)
-    print("\n| objective | feature | reduction | dim | CV acc. (train) | L2 | validation acc. |\n| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    print("\n| objective | feature | reduction | dim | train pairs | CV acc. (train) | L2 | validation acc. |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for objective in config.objectives:
         train, validation = features[("train", objective)], features[("validation", objective)]
         for rule in ("loglik", "length"):
             wins = [(differences(side, rule, "sum")[:, 0] > 0).float().mean().item() for side in (train, validation)]
-            print(f"| {objective} | rule: higher {rule} wins | - | 1 | {wins[0]:.3f} | - | {wins[1]:.3f} |")
+            print(f"| {objective} | rule: higher {rule} wins | - | 1 | {len(train['length']) // 2} | {wins[0]:.3f} | - | {wins[1]:.3f} |")
         for name, reduction in (("pool", "mean"), ("tok", "sum"), ("tok", "mean"), ("bilinear", "sum"), ("bilinear", "mean")):
             x_train = differences(train, name, "sum" if name == "pool" else reduction)  # pool is a mean already
             x_validation = differences(validation, name, "sum" if name == "pool" else reduction)
-            cv, l2, accuracy = probe(x_train, x_validation)
-            print(f"| {objective} | {name} | {reduction} | {x_train.shape[1]} | {cv:.3f} | {l2:g} | {accuracy:.3f} |", flush=True)
+            order = torch.from_numpy(np.random.default_rng(0).permutation(len(x_train)))  # a seeded subset per size
+            for n in [size for size in sizes if size < len(x_train)] + [len(x_train)]:
+                cv, l2, accuracy = probe(x_train[order[:n]], x_validation)
+                print(f"| {objective} | {name} | {reduction} | {x_train.shape[1]} | {n} | {cv:.3f} | {l2:g} | {accuracy:.3f} |", flush=True)
 
 
 def differences(features: dict[str, torch.Tensor], name: str, reduction: str) -> torch.Tensor:
