@@ -107,6 +107,11 @@ def score_pairs(
     rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,): logits at position t predict token t + 1
     selected = batch.hidden[rows, cols]  # (N, d)
     targets = labels[rows, cols]  # (N,)
+    branch = model.reward_branch is not None  # the reward head reads the branch's own state, not the backbone's
+    reward_selected = selected  # (N, d)
+    if branch:
+        states = model.reward_hidden(batch.hidden, batch.block_hidden, batch.attention_mask, preference, from_layer=batch.block_layer)
+        reward_selected = states[rows, cols]  # (N, d) of the branch's (2B, T, d)
     candidates = None if exact else batch.candidates
     if candidates is not None:
         if candidates.ids.shape[0] != targets.shape[0] or not torch.equal(candidates.ids[:, 0], targets):
@@ -117,9 +122,7 @@ def score_pairs(
             tail_change = change[:, count:] if change.shape[1] > count else None  # (N, S) at the tail samples
             return candidate_label_logprobs(candidates.logprobs, candidates.tail, change[:, :count], tail_change)
 
-        reward_selected, base_selected = selected, None
-        if model.reward_branch is not None:
-            reward_selected, base_selected = _branch_states(model, batch, preference)[rows, cols], selected  # (N, d) each
+        base_selected = selected if branch else None  # z_LM is read from the backbone's state
         reward_readout = model.reward_head.candidate_shift(reward_selected, preference[rows], candidates.ids, base_selected)  # (N, C + S)
         reward_token_logprobs = renormalised(reward_readout)  # (N,)
         lm_token_logprobs = candidates.logprobs[:, 0]  # (N,)
@@ -129,9 +132,7 @@ def score_pairs(
 
     else:
         lm_logits = model.backbone.get_output_embeddings()(selected).float()  # (N, V)
-        reward_selected, shared = selected, lm_logits
-        if model.reward_branch is not None:
-            reward_selected, shared = _branch_states(model, batch, preference)[rows, cols], None  # (N, d): read out by the reward head itself
+        shared = None if branch else lm_logits  # a branch's state is read out by the reward head itself
         reward_readout = model.reward_logits(
             reward_selected[:, None], preference[rows], None if shared is None else shared[:, None]
         )[:, 0]  # (N, V) z_RM
@@ -153,11 +154,6 @@ def score_pairs(
     # reward_readout: z_RM - z_LM at the candidates and tail samples (N, C + S), or z_RM over the vocabulary (N, V)
     fusion_reward = reward_readout if reward_grad_from_fusion else reward_readout.detach()
     return ResponseScores(rewards, fused_logprobs(alpha[rows, cols], fusion_reward), rows, alpha[:, :-1], mask)
-
-
-def _branch_states(model: DualHeadModel, batch: PairBatch, preference: torch.Tensor) -> torch.Tensor:
-    """The reward branch's hidden states ``(2B, T, d)`` over the batch's cached block input."""
-    return model.reward_hidden(batch.hidden, batch.block_hidden, batch.attention_mask, preference, from_layer=batch.block_layer)
 
 
 @torch.no_grad()
