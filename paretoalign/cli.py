@@ -87,7 +87,10 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--max-train-pairs", type=int, default=None, help="pairs per objective used for training")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--feature-cache", default=None, help="where backbone features are cached")
-    parser.add_argument("--include-pku", action="store_true", default=None, help="add PKU-SafeRLHF pairs (CC BY-NC 4.0)")
+    parser.add_argument(
+        "--include-pku", action=argparse.BooleanOptionalAction, default=None,
+        help="PKU-SafeRLHF pairs join harmlessness (CC BY-NC 4.0; on by default: --no-include-pku for HH-RLHF only)",
+    )
     parser.add_argument(
         "--reward-layers", type=int, default=None, help="k: the reward head re-runs the backbone's last k blocks (0: none)"
     )
@@ -139,7 +142,7 @@ def _add_arm_accuracy(subparsers) -> None:
 
 
 def run_arm_accuracy(args: argparse.Namespace) -> int:
-    from .data import load_default_pairs, load_pairs, split_pairs
+    from .data import load_default_pairs, load_pairs, split_pools
     from .model import load_model
     from .objective import arm_accuracy
 
@@ -153,7 +156,7 @@ def run_arm_accuracy(args: argparse.Namespace) -> int:
         pools = load_default_pairs()
         if args.objective not in pools:
             raise ValueError(f"--objective {args.objective!r} has no vendored pairs; choose from {sorted(pools)}")
-        pairs = split_pairs(pools[args.objective])[args.split]
+        pairs = split_pools(pools)[args.objective][args.split]
     pairs = pairs[: args.max_pairs] if args.max_pairs else pairs
     model = load_model(args.checkpoint, args.backbone, args.device)
     preference = _model_order(objectives, weights, model.objectives)
@@ -202,6 +205,7 @@ def _add_sweep(subparsers) -> None:
     parser.add_argument("--scorer", default=None, help="reward scorer spec (default: the shipped offline scorer)")
     parser.add_argument("--strength", type=float, default=None, help="steering strength (default: each method's own)")
     parser.add_argument("--fusion", default=None, choices=["gate", "genarm"], help="Dual-Head fusion (default: the checkpoint's)")
+    parser.add_argument("--guidance-top-k", type=int, default=None, help="Dual-Head: steer within the base model's top-k tokens (default: the checkpoint's; 0: all)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--limit", type=int, default=None, help="sweep only the first N prompts")
@@ -218,7 +222,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         prompts=args.prompts, out=args.out, methods=args.methods, grid=args.grid, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, strength=args.strength, fusion=args.fusion,
         checkpoint=args.checkpoint, backbone=args.backbone, scorer=args.scorer, limit=args.limit, batch_size=args.batch_size,
-        device=args.device,
+        device=args.device, guidance_top_k=args.guidance_top_k,
     )
     result = run_sweep(config, progress=not args.no_progress)
     print(f"{result['written']} rows written, {result['skipped']} already done, {result['total']} in the sweep: {result['directory']}")
@@ -293,7 +297,10 @@ def _add_train_arm(subparsers) -> None:
     parser.add_argument("--backbone", default=None)
     parser.add_argument("--data-dir", default=None, help="preference data folder (default: the vendored data/)")
     parser.add_argument("--feature-cache", default=None, help="where backbone features are cached")
-    parser.add_argument("--include-pku", action="store_true", default=None, help="add PKU-SafeRLHF pairs (CC BY-NC 4.0)")
+    parser.add_argument(
+        "--include-pku", action=argparse.BooleanOptionalAction, default=None,
+        help="PKU-SafeRLHF pairs join harmlessness (CC BY-NC 4.0; on by default: --no-include-pku for HH-RLHF only)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=run_train_arm)
 
@@ -350,6 +357,44 @@ def run_train_arm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_steering(subparsers) -> None:
+    parser = subparsers.add_parser("steering-prompts", help="write harmful and benign prompt sets of a split (for two sweeps)")
+    parser.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    parser.add_argument("--per-set", type=int, default=100, help="distinct prompts per set (a seeded random sample)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="folder for {split}-harmful.jsonl and {split}-benign.jsonl")
+    parser.set_defaults(handler=run_steering_prompts)
+    parser = subparsers.add_parser("steering-report", help="refusals, fluency and selective steering from a harmful and a benign sweep")
+    parser.add_argument("--harmful", required=True, help="sweep directory over harmful prompts")
+    parser.add_argument("--benign", required=True, help="sweep directory over benign prompts")
+    parser.add_argument("--out", required=True, help="where steering.json and steering.md go")
+    parser.add_argument("--no-nll", action="store_true", help="skip the base model's NLL of the answers (no backbone load)")
+    parser.add_argument("--backbone", default=None)
+    parser.set_defaults(handler=run_steering_report)
+
+
+def run_steering_prompts(args: argparse.Namespace) -> int:
+    from .evaluation.steering import write_steering_prompts
+
+    for name, path in write_steering_prompts(args.out, args.split, args.per_set, args.seed).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def run_steering_report(args: argparse.Namespace) -> int:
+    from .evaluation.steering import markdown_steering, write_steering_report
+
+    model = None
+    if not args.no_nll:
+        from .backbone import DEFAULT_BACKBONE, load_backbone
+
+        backbone, tokenizer = load_backbone(args.backbone or DEFAULT_BACKBONE)
+        model = argparse.Namespace(backbone=backbone.eval(), tokenizer=tokenizer, device=backbone.device)
+    summary = write_steering_report({"harmful": args.harmful, "benign": args.benign}, args.out, model)
+    print(markdown_steering(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paretoalign", description="Multi-objective test-time alignment with a preference-aware Dual-Head.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -361,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(subparsers)
     _add_report(subparsers)
     _add_train_arm(subparsers)
+    _add_steering(subparsers)
     return parser
 
 

@@ -20,7 +20,8 @@ HH_DIR = "hh-rlhf"
 PKU_FILE = "pku-saferlhf/safer-pairs.json"
 PKU_SOURCE = "pku-saferlhf"
 
-# HH-RLHF subsets per objective. PKU-SafeRLHF (harmlessness) is opt-in: its license is non-commercial.
+# HH-RLHF subsets per objective. PKU-SafeRLHF joins harmlessness by default; its license is non-commercial
+# (CC BY-NC 4.0), so what is trained on it inherits that license; ``include_pku=False`` keeps to MIT data.
 OBJECTIVE_SOURCES: dict[str, tuple[str, ...]] = {
     "helpfulness": ("helpful-base", "helpful-online", "helpful-rejection-sampled"),
     "harmlessness": ("harmless-base",),
@@ -325,12 +326,12 @@ def load_pairs(
     return kept
 
 
-def load_default_pairs(include_pku: bool = False, data_dir: str | Path | None = None) -> dict[str, list[PreferencePair]]:
+def load_default_pairs(include_pku: bool = True, data_dir: str | Path | None = None) -> dict[str, list[PreferencePair]]:
     """The vendored HH-RLHF pairs (and, opt-in, PKU-SafeRLHF) grouped by objective.
 
     Args:
-        include_pku: add PKU-SafeRLHF's safer/unsafe pairs to ``harmlessness``. Off by default: its
-            license (CC BY-NC 4.0) allows non-commercial use only.
+        include_pku: add PKU-SafeRLHF's safer/unsafe pairs to ``harmlessness`` (the default). Its license
+            (CC BY-NC 4.0) allows non-commercial use only; ``False`` keeps to HH-RLHF (MIT).
         data_dir: the folder holding ``hh-rlhf/`` (and ``pku-saferlhf/``); defaults to the repository's ``data/``.
 
     Returns:
@@ -357,15 +358,69 @@ def load_default_pairs(include_pku: bool = False, data_dir: str | Path | None = 
 # ---------------------------------------------------------------------------------------------- splitting
 
 
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def normalized_opening(prompt: list[dict]) -> str:
+    """The prompt's first user turn lowercased to its words: formatting variants and dialogues that open alike agree."""
+    first = next((message["content"] for message in prompt if message["role"] == "user"), "")
+    return " ".join(_WORD.findall(first.lower()))
+
+
+def near_duplicate_groups(
+    prompts: Sequence[list[dict]], threshold: float = 0.7, num_hashes: int = 24, band_size: int = 2
+) -> list[int]:
+    """A group id per prompt; prompts whose openings (:func:`normalized_opening`) are equal or share at least
+    ``threshold`` of their words (Jaccard) are joined, transitively.
+
+    Candidates come from MinHash bands over word sets (``num_hashes // band_size`` bands of ``band_size``), so
+    the cost stays near-linear; every candidate pair is checked exactly. A group id is the index of one member.
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    parent = list(range(len(prompts)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(i: int, j: int) -> None:
+        root_i, root_j = find(i), find(j)
+        if root_i != root_j:
+            parent[max(root_i, root_j)] = min(root_i, root_j)
+
+    openings = [normalized_opening(prompt) for prompt in prompts]
+    words = [frozenset(opening.split()) for opening in openings]
+    buckets: dict[object, int] = {}
+    for index, (opening, word_set) in enumerate(zip(openings, words)):
+        keys: list[object] = [("text", opening)]
+        if word_set:
+            hashes = [
+                min(int.from_bytes(hashlib.blake2b(f"{seed}:{word}".encode(), digest_size=8).digest(), "big") for word in word_set)
+                for seed in range(num_hashes)
+            ]
+            keys += [("band", start, tuple(hashes[start : start + band_size])) for start in range(0, num_hashes, band_size)]
+        for key in keys:
+            other = buckets.setdefault(key, index)
+            if other == index or find(other) == find(index):
+                continue
+            if key[0] == "text" or len(word_set & words[other]) >= threshold * len(word_set | words[other]):
+                union(index, other)
+    return [find(index) for index in range(len(prompts))]
+
+
 def split_pairs(
     pairs: Sequence[PreferencePair], seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1)
 ) -> dict[str, list[PreferencePair]]:
-    """Split pairs into train / validation / test so that no prompt lands in two splits.
+    """Split pairs into train / validation / test so that no prompt, nor a near-duplicate of it, lands in two splits.
 
-    Each prompt is placed by a hash of (seed, prompt) alone, so the split is deterministic, does not
-    depend on the order of ``pairs`` or on which other pairs are present: splitting each objective
-    separately puts a prompt they share into the same split. Split sizes therefore match
-    ``fractions`` approximately (by prompt, not by pair). Pairs keep their input order within a split.
+    Prompts are grouped by :func:`near_duplicate_groups` (equal openings after normalisation, or openings sharing
+    70% of their words); a group is placed by a hash of (seed, its smallest prompt key), so a prompt with no
+    near-duplicate is placed by its own key alone. Split the pairs of all objectives in one call (see
+    :func:`split_pools`) so that a group shared across objectives is grouped alike. Split sizes match
+    ``fractions`` approximately (by group, not by pair). Pairs keep their input order within a split.
 
     Args:
         fractions: ``(train, validation, test)``, non-negative, summing to 1.
@@ -379,13 +434,49 @@ def split_pairs(
         raise ValueError(f"seed must be an int, got {seed!r}")
     bounds = [sum(fractions[: index + 1]) for index in range(len(fractions))]
     bounds[-1] = 1.0 + 1e-12  # float sums may fall short of 1
+    keys = [prompt_key(pair.prompt) for pair in pairs]
+    distinct = sorted(set(keys))
+    groups = near_duplicate_groups([json_prompt(key) for key in distinct])
+    representative: dict[int, str] = {}
+    for key, group in zip(distinct, groups):
+        representative.setdefault(group, key)  # distinct is sorted: the first member seen is the smallest key
+    group_key = {key: representative[group] for key, group in zip(distinct, groups)}
     splits: dict[str, list[PreferencePair]] = {name: [] for name in SPLIT_NAMES}
-    for pair in pairs:
-        digest = hashlib.sha256(f"{seed}\n{prompt_key(pair.prompt)}".encode("utf-8")).digest()
+    for pair, key in zip(pairs, keys):
+        digest = hashlib.sha256(f"{seed}\n{group_key[key]}".encode("utf-8")).digest()
         position = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
         name = next(name for name, bound in zip(SPLIT_NAMES, bounds) if position < bound)
         splits[name].append(pair)
     return splits
+
+
+def split_pools(
+    pools: Mapping[str, Sequence[PreferencePair]], seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1)
+) -> dict[str, dict[str, list[PreferencePair]]]:
+    """:func:`split_pairs` over every objective's pairs at once: ``{objective: {split: pairs}}``."""
+    everything = [pair for pairs in pools.values() for pair in pairs]
+    owner = [name for name, pairs in pools.items() for _ in pairs]
+    tagged = split_pairs([_Tagged(pair, name) for pair, name in zip(everything, owner)], seed, fractions)
+    result = {name: {split: [] for split in SPLIT_NAMES} for name in pools}
+    for split, items in tagged.items():
+        for item in items:
+            result[item.owner][split].append(item.pair)
+    return result
+
+
+@dataclass
+class _Tagged:
+    pair: PreferencePair
+    owner: str
+
+    @property
+    def prompt(self) -> list[dict]:
+        return self.pair.prompt
+
+
+def json_prompt(key: str) -> list[dict]:
+    """The messages of a :func:`prompt_key`."""
+    return [{"role": role, "content": content} for role, content in json.loads(key)]
 
 
 # ---------------------------------------------------------------------------------------------- collating

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .data import load_default_pairs, split_pairs
+from .data import load_default_pairs, split_pools
 from .model import CONFIG_NAME, WEIGHTS_NAME, DualHeadModel
 from .objective import arm_accuracy
 
@@ -25,8 +25,9 @@ def held_out_accuracy(model: DualHeadModel, split: str = "test", split_seed: int
     """
     pools = load_default_pairs()
     preferences = card_preferences(len(model.objectives))
+    splits = split_pools(pools, seed=split_seed)
     return {
-        objective: arm_accuracy(model, split_pairs(pools[objective], seed=split_seed)[split], preferences, progress=progress, **kwargs)
+        objective: arm_accuracy(model, splits[objective][split], preferences, progress=progress, **kwargs)
         for objective in model.objectives
         if objective in pools
     }

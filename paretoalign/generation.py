@@ -17,7 +17,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from .heads import GateCache
-from .model import DualHeadModel, position_ids_from_mask
+from .model import DualHeadModel, check_guidance_top_k, position_ids_from_mask, restrict_to_base_top_k
 
 Message = dict[str, str]
 Prompt = str | Sequence[Message]
@@ -68,8 +68,11 @@ class BaseDecoder:
 class DualHeadDecoder:
     """Dual-Head fusion: one backbone pass per token, the gate attending over its own key/value cache."""
 
-    def __init__(self, model: DualHeadModel, fusion: str | None = None, strength: float | None = None):
+    def __init__(
+        self, model: DualHeadModel, fusion: str | None = None, strength: float | None = None, guidance_top_k: int | None = None
+    ):
         self.model, self.fusion, self.strength = model, fusion, strength
+        self.guidance_top_k = check_guidance_top_k(model.config.guidance_top_k if guidance_top_k is None else guidance_top_k)
         self.cache: DynamicCache | None = None
         self.branch_cache: DynamicCache | None = None  # the reward branch's blocks (reward_layers > 0)
         self.gate_cache: GateCache | None = None
@@ -89,7 +92,8 @@ class DualHeadDecoder:
             strength=self.strength,
             reward_hidden=reward_hidden,
         )
-        return StepOutput(output.logits[:, -1], output.gate[:, -1])  # (B, V), (B,)
+        logits = restrict_to_base_top_k(output.logits[:, -1], output.lm_logits[:, -1], self.guidance_top_k)  # (B, V)
+        return StepOutput(logits, output.gate[:, -1])  # (B, V), (B,)
 
     def start(self, input_ids, attention_mask, preference) -> StepOutput:
         self.cache = DynamicCache(config=self.model.backbone.config)

@@ -89,8 +89,8 @@ def trainable_parameters(decoder: Decoder) -> int:
     return sum(seen.values())
 
 
-def _dualhead(model, strength: float | None = None, fusion: str | None = None, **options) -> Decoder:
-    return DualHeadDecoder(model, fusion, strength)
+def _dualhead(model, strength: float | None = None, fusion: str | None = None, guidance_top_k: int | None = None, **options) -> Decoder:
+    return DualHeadDecoder(model, fusion, strength, guidance_top_k)
 
 
 def _base(model, **options) -> Decoder:

@@ -66,6 +66,13 @@ class DualHeadConfig:
     fixed_gate: float | None = field(default=None, metadata={"help": "use this constant alpha instead of the gate (ablation)"})
     fusion: str = field(default="gate", metadata={"help": f"default fusion, one of {FUSION_MODES}"})
     strength: float = field(default=1.0, metadata={"help": "default steering strength (gate: scales alpha; genarm: 1/beta)"})
+    guidance_top_k: int = field(
+        default=0,
+        metadata={
+            "help": "decoding keeps the frozen LM's k likeliest tokens only, so the reward head reorders what the base model "
+            "finds plausible (as ARGS and RAD do) and never promotes a token it finds unlikely; 0 keeps every token"
+        },
+    )
     vocab_size: int | None = field(default=None, metadata={"help": "filled from the backbone"})
     hidden_size: int | None = field(default=None, metadata={"help": "filled from the backbone"})
     tokenizer_fingerprint: str | None = field(default=None, metadata={"help": "filled from the tokenizer"})
@@ -95,6 +102,7 @@ class DualHeadConfig:
             raise ValueError(f"fixed_gate must lie in [0, 1], got {self.fixed_gate!r}")
         if self.strength < 0:
             raise ValueError(f"strength must be >= 0, got {self.strength!r}")
+        check_guidance_top_k(self.guidance_top_k)
 
     @property
     def num_objectives(self) -> int:
@@ -139,6 +147,20 @@ def fuse_logits(
     if fusion == "genarm":
         return F.log_softmax(lm_logits, dim=-1) + strength * F.log_softmax(reward_logits, dim=-1)  # (..., V)
     raise ValueError(f"fusion must be one of {FUSION_MODES}, got {fusion!r}")
+
+
+def check_guidance_top_k(top_k) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"guidance_top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
+    return top_k
+
+
+def restrict_to_base_top_k(logits: torch.Tensor, lm_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``logits`` ``(..., V)`` with every token outside the frozen LM's ``top_k`` likeliest set to ``-inf`` (0: unchanged)."""
+    if not top_k or top_k >= logits.shape[-1]:
+        return logits
+    keep = lm_logits.topk(top_k, dim=-1).indices  # (..., k)
+    return torch.full_like(logits, float("-inf")).scatter(-1, keep, logits.gather(-1, keep))  # (..., V)
 
 
 def backbone_forward(

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .backbone import DEFAULT_BACKBONE, cache_dir, load_backbone
-from .data import PreferenceCollator, PreferencePair, load_default_pairs, split_pairs
+from .data import PreferenceCollator, PreferencePair, load_default_pairs, split_pools
 from .candidates import CandidateBatch, CandidateCache, build_candidate_cache
 from .features import FeatureCache, build_feature_cache
 from .files import atomic_write
@@ -36,6 +36,7 @@ from .objective import PairBatch, join_pair_batches, score_pairs
 from .preference import DEFAULT_OBJECTIVES
 
 logger = logging.getLogger(__name__)
+PREFERENCE_SAMPLINGS = ("step", "objective")
 DEFAULT_TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.json"
 
 
@@ -47,7 +48,7 @@ class TrainConfig:
     backbone: str = field(default=DEFAULT_BACKBONE, metadata={"help": "backbone id or path"})
     objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
     model: dict = field(default_factory=dict, metadata={"help": "DualHeadConfig fields (reward_head, gate_heads, ...)"})
-    include_pku: bool = field(default=False, metadata={"help": "add PKU-SafeRLHF pairs to harmlessness (CC BY-NC 4.0)"})
+    include_pku: bool = field(default=True, metadata={"help": "add PKU-SafeRLHF pairs to harmlessness (CC BY-NC 4.0)"})
     data_dir: str | None = field(default=None, metadata={"help": "preference data folder (default: the vendored data/)"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/validation/test split by prompt"})
     max_train_pairs: int | None = field(default=1500, metadata={"help": "pairs per objective used for training (None: all)"})
@@ -77,6 +78,15 @@ class TrainConfig:
         },
     )
     dirichlet_concentration: float = field(default=1.0, metadata={"help": "w ~ Dirichlet(c); 1 is uniform"})
+    preference_sampling: str = field(
+        default="step",
+        metadata={
+            "help": f"one of {PREFERENCE_SAMPLINGS}: 'step' draws one w ~ Dirichlet per step for every pair and weighs the "
+            "objectives' losses by it (PARM); 'objective' scores each objective's pairs at its own one-hot preference, so "
+            "each one-hot learns from its own labels only and nothing averages one objective's labels into the other's "
+            "(interior preferences interpolate the one-hots: PBLoRA is linear in w)"
+        },
+    )
     checkpoint_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
     eval_every: int = field(default=100, metadata={"help": "steps between validation passes"})
     feature_cache: str | None = field(default=None, metadata={"help": "feature cache folder (default: the user cache)"})
@@ -117,6 +127,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.reward_learning_rate is not None and not self.reward_learning_rate > 0:
             raise ValueError(f"reward_learning_rate must be > 0 or null, got {self.reward_learning_rate!r}")
+        if self.preference_sampling not in PREFERENCE_SAMPLINGS:
+            raise ValueError(f"preference_sampling must be one of {PREFERENCE_SAMPLINGS}, got {self.preference_sampling!r}")
         for name in ("learning_rate", "beta_r", "dirichlet_concentration"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -235,8 +247,9 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
     collator = PreferenceCollator(model.tokenizer, config.max_length, config.max_prompt_length)
     sequences: list[list[int]] = []
     indices: dict[str, dict[str, PairIndex]] = {"train": {}, "validation": {}}
+    pool_splits = split_pools(pools, seed=config.split_seed)
     for objective_index, objective in enumerate(config.objectives):
-        splits = split_pairs(pools[objective], seed=config.split_seed)
+        splits = pool_splits[objective]
         limits = {"train": config.max_train_pairs, "validation": config.max_eval_pairs}
         for split, limit in limits.items():
             chosen_pairs = _subsample(splits[split], limit, config.seed + objective_index)
@@ -329,12 +342,28 @@ def step_preference(num_objectives: int, step: int, seed: int, concentration: fl
 # ---------------------------------------------------------------------------------------------- steps
 
 
+def row_preferences(batches: list[PairBatch], preference: torch.Tensor, sampling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The preference of every row of the joined batches ``(rows, k)`` and the objectives' loss weights ``(k,)``.
+
+    ``step``: every row at the step's ``preference``, losses weighted by it. ``objective``: objective ``i``'s rows at
+    the one-hot ``e_i``, losses averaged.
+    """
+    k = preference.shape[-1]
+    if sampling == "step":
+        rows = sum(2 * batch.num_pairs for batch in batches)
+        return preference.expand(rows, -1), preference
+    one_hots = torch.eye(k, dtype=preference.dtype)  # (k, k)
+    rows = torch.cat([one_hots[i].expand(2 * batch.num_pairs, -1) for i, batch in enumerate(batches)])  # (rows, k)
+    return rows, torch.full((k,), 1.0 / k, dtype=preference.dtype)
+
+
 def training_loss(model: DualHeadModel, batches: list[PairBatch], preference: torch.Tensor, config: TrainConfig):
     """The total loss for one step and its parts: one heads pass over every objective's pairs."""
     joined = join_pair_batches(batches)
     rows = joined.input_ids.shape[0]
+    row_preference, weights = row_preferences(batches, preference, config.preference_sampling)
     scores = score_pairs(
-        model, joined, preference.to(joined.hidden.device).expand(rows, -1), reward_grad_from_fusion=config.lm_loss_trains_reward_head
+        model, joined, row_preference.to(joined.hidden.device), reward_grad_from_fusion=config.lm_loss_trains_reward_head
     )  # rows: [c_1, r_1, c_2, r_2, ...]
     pref_losses, stats, start = [], {}, 0
     chosen_rows = torch.zeros(rows, dtype=torch.bool, device=joined.hidden.device)  # (rows,)
@@ -351,7 +380,7 @@ def training_loss(model: DualHeadModel, batches: list[PairBatch], preference: to
     chosen_tokens = chosen_rows[scores.rows]  # (N,) response tokens of chosen replies
     lm = -scores.fused_logprobs[chosen_tokens].mean()
     gate = gate_entropy_loss(scores.gate, scores.mask, config.lambda_g)
-    total = multi_objective_loss(lm, torch.stack(pref_losses), preference.to(lm.device), gate, config.lambda_r)
+    total = multi_objective_loss(lm, torch.stack(pref_losses), weights.to(lm.device), gate, config.lambda_r)
     stats.update({"loss": total.item(), "lm_loss": lm.item(), "gate_loss": gate.item(), "gate_mean": scores.gate[scores.mask].mean().item()})
     return total, stats
 
@@ -516,7 +545,7 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
         scheduler.step()
         done = step + 1
         rates = scheduler.get_last_lr()  # [reward head and branch, the rest] (one entry when a group is empty)
-        record = {"step": done, "lr": rates[-1], "reward_lr": rates[0], "grad_norm": float(grad_norm), "preference": preference.tolist(), **stats}
+        record = {"step": done, "lr": rates[-1], "reward_lr": rates[0], "grad_norm": float(grad_norm), "preference": preference.tolist() if config.preference_sampling == "step" else "one-hot per objective", **stats}
         if done % config.eval_every == 0 or done == config.steps:
             exact = config.candidate_tokens is None or done == config.steps  # the last one always over the vocabulary
             final_eval = evaluate(model, data, config, exact=exact)

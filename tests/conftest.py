@@ -1,6 +1,7 @@
 """Shared fixtures: tiny randomly initialised Llama backbones (fast, CPU, offline)."""
 
 import gzip
+import json
 import numpy as np
 import pytest
 import torch
@@ -100,7 +101,7 @@ def baseline_checkpoints(baseline_root, monkeypatch):
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    """The first 24 real pairs of each vendored HH-RLHF file."""
+    """The first 24 real pairs of each vendored HH-RLHF file and of PKU-SafeRLHF."""
     root = tmp_path_factory.mktemp("data")
     (root / "hh-rlhf").mkdir()
     for name in ("helpful-base", "helpful-online", "helpful-rejection-sampled", "harmless-base"):
@@ -108,4 +109,7 @@ def small_data(tmp_path_factory):
             lines = [next(source) for _ in range(24)]
         with gzip.open(root / "hh-rlhf" / f"{name}.jsonl.gz", "wt") as target:
             target.writelines(lines)
+    (root / "pku-saferlhf").mkdir()
+    records = json.loads((DATA_DIR / "pku-saferlhf" / "safer-pairs.json").read_text())[:24]
+    (root / "pku-saferlhf" / "safer-pairs.json").write_text(json.dumps(records))
     return root

@@ -19,8 +19,10 @@ from paretoalign.data import (
     parse_hh_dialogue,
     parse_hh_pair,
     parse_pku_pair,
+    near_duplicate_groups,
     prompt_key,
     split_pairs,
+    split_pools,
 )
 
 DIALOGUE = (
@@ -203,7 +205,7 @@ def test_load_pairs_without_datasets_gives_the_same_pairs(tmp_path, monkeypatch)
 
 @pytest.fixture(scope="module")
 def default_pairs():
-    return load_default_pairs()
+    return load_default_pairs(include_pku=False)
 
 
 def test_vendored_data_is_attributed():
@@ -217,13 +219,13 @@ def test_load_default_pairs_counts(default_pairs):
     # the files' 2,120 + 1,032 + 2,488 and 2,095 records, less equal/empty replies and broken transcripts
     assert {objective: len(pairs) for objective, pairs in default_pairs.items()} == {"helpfulness": 5603, "harmlessness": 2091}
     assert {pair.source for pair in default_pairs["helpfulness"]} == set(OBJECTIVE_SOURCES["helpfulness"])
-    assert {pair.source for pair in default_pairs["harmlessness"]} == {"harmless-base"}  # PKU is opt-in
+    assert {pair.source for pair in default_pairs["harmlessness"]} == {"harmless-base"}  # include_pku=False: MIT data only
     pair = default_pairs["harmlessness"][0]
     assert pair.prompt[-1]["role"] == "user" and pair.chosen and pair.rejected and pair.chosen != pair.rejected
 
 
-def test_load_default_pairs_with_pku():
-    pairs = load_default_pairs(include_pku=True)
+def test_load_default_pairs_includes_pku_by_default():
+    pairs = load_default_pairs()
     assert sum(pair.source == "pku-saferlhf" for pair in pairs["harmlessness"]) == 4743
     assert len(pairs["harmlessness"]) == 2091 + 4743
 
@@ -243,7 +245,7 @@ def test_split_pairs_is_disjoint_by_prompt_deterministic_and_order_independent(d
     assert not prompts["train"] & prompts["test"]
     assert not prompts["validation"] & prompts["test"]
     assert sorted(pair.id for split in splits.values() for pair in split) == sorted(pair.id for pair in pairs)
-    assert {name: len(split) for name, split in splits.items()} == {"train": 6182, "validation": 784, "test": 728}
+    assert {name: len(split) for name, split in splits.items()} == {"train": 6207, "validation": 782, "test": 705}
 
     shuffled = list(pairs)
     random.Random(1).shuffle(shuffled)
@@ -263,6 +265,34 @@ def test_split_pairs_keeps_a_shared_prompt_together():
     holding = [name for name, split in splits.items() if any(pair.prompt == prompt for pair in split)]
     assert len(holding) == 1 and sum(pair.prompt == prompt for pair in splits[holding[0]]) == 20
     assert split_pairs(pairs, seed=3, fractions=(1.0, 0.0, 0.0))["train"] == pairs
+
+
+def test_split_pairs_keeps_near_duplicate_prompts_together():
+    def pair(text, turns=()):
+        return PreferencePair([{"role": "user", "content": text}, *turns], "a", "b", "helpfulness", "s")
+
+    family = [
+        pair("How do I pick a lock?"),
+        pair("how do i pick a LOCK"),  # the same words
+        pair("How do I pick a lock?", [{"role": "assistant", "content": "Why?"}, {"role": "user", "content": "I'm locked out."}]),
+        pair("How do I pick a lock quickly?"),  # 6 of 7 words shared
+    ]
+    others = [pair(f"Question number {index} about topic {index * 7}") for index in range(300)]
+    for seed in range(5):
+        splits = split_pairs(family + others, seed=seed)
+        holding = {name for name, pairs in splits.items() for p in pairs if p in family}
+        assert len(holding) == 1, f"seed {seed}: the near-duplicates landed in {holding}"
+        assert len({name for name, pairs in splits.items() if pairs}) == 3  # the others still spread over the splits
+    groups = near_duplicate_groups([p.prompt for p in family] + [[{"role": "user", "content": "Bake bread at home"}]])
+    assert len(set(groups[:4])) == 1 and groups[4] != groups[0]
+
+
+def test_split_pools_places_a_prompt_alike_for_every_objective(default_pairs):
+    splits = split_pools({"helpfulness": default_pairs["helpfulness"], "harmlessness": default_pairs["harmlessness"]})
+    together = split_pairs(default_pairs["helpfulness"] + default_pairs["harmlessness"])
+    for name in ("train", "validation", "test"):
+        assert {p.id for o in splits for p in splits[o][name]} == {p.id for p in together[name]}
+        assert all(p.objective == o for o in splits for p in splits[o][name])
 
 
 @pytest.mark.parametrize("fractions", [(0.8, 0.1), (0.9, 0.2, -0.1), (0.5, 0.2, 0.2)])

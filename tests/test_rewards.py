@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from paretoalign.data import load_default_pairs, split_pairs
 from paretoalign.evaluation.rewards import (
     DEFAULT_SCORER_DIR,
     HH_TEMPLATE,
@@ -32,6 +31,7 @@ from paretoalign.evaluation.scorer_training import (
     bradley_terry_loss,
     embed_texts,
     fit_head,
+    hh_splits,
     pairwise_accuracy,
 )
 from paretoalign.testing import tiny_tokenizer
@@ -205,9 +205,9 @@ def test_default_scorer_loads_offline_and_describes_itself(default_scorer):
     assert described["source"] == str(DEFAULT_SCORER_DIR)
     json.dumps(described)
     claimed = json.loads((DEFAULT_SCORER_DIR / "test_accuracy.json").read_text())["results"]
-    pools = load_default_pairs()
+    splits = hh_splits(seed=0)
     for objective in OBJECTIVES:  # the card's numbers are over the whole held-out test split
-        assert claimed[objective]["test"]["n"] == len(split_pairs(pools[objective], seed=0)["test"])
+        assert claimed[objective]["test"]["n"] == len(splits[objective]["test"])
         assert claimed[objective]["test"]["accuracy"] > 0.55
 
 
@@ -223,9 +223,9 @@ def test_default_scorer_shape_and_empty_responses(default_scorer):
 
 
 def test_default_scorer_ranks_held_out_pairs(default_scorer):
-    pools = load_default_pairs()
+    splits = hh_splits(seed=0)
     for column, objective in enumerate(OBJECTIVES):
-        pairs = split_pairs(pools[objective], seed=0)["test"][:HELD_OUT_PAIRS]
+        pairs = splits[objective]["test"][:HELD_OUT_PAIRS]
         prompts = [pair.prompt for pair in pairs]
         rewards = default_scorer.score(prompts + prompts, [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs])
         chosen, rejected = rewards[: len(pairs), column], rewards[len(pairs) :, column]

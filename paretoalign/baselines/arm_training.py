@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ..backbone import DEFAULT_BACKBONE, cache_dir, load_backbone
-from ..data import PreferenceCollator, load_default_pairs, split_pairs
+from ..data import PreferenceCollator, load_default_pairs, split_pools
 from ..features import build_feature_cache
 from ..files import atomic_write
 from ..losses import arm_preference_loss
@@ -78,7 +78,7 @@ class ARMTrainConfig:
     adapter: dict = field(
         default_factory=dict, metadata={"help": "LoRASettings (genarm) or PBLoRAConfig (parm) fields; empty: defaults"}
     )
-    include_pku: bool = field(default=False, metadata={"help": "add PKU-SafeRLHF pairs to harmlessness (CC BY-NC 4.0)"})
+    include_pku: bool = field(default=True, metadata={"help": "add PKU-SafeRLHF pairs to harmlessness (CC BY-NC 4.0)"})
     data_dir: str | None = field(default=None, metadata={"help": "preference data folder (default: the vendored data/)"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/validation/test split by prompt"})
     max_train_pairs: int | None = field(default=1500, metadata={"help": "pairs per objective used for training (None: all)"})
@@ -161,8 +161,9 @@ def prepare_arm_data(config: ARMTrainConfig, model: DualHeadModel, first_layer: 
     sequences: list[list[int]] = []
     indices: dict[str, dict] = {"train": {}, "validation": {}}
     # Every objective's sequences are cached even for one GenARM objective: the runs of all ARMs share one cache.
+    pool_splits = split_pools(pools, seed=config.split_seed)
     for objective_index, objective in enumerate(config.objectives):
-        splits = split_pairs(pools[objective], seed=config.split_seed)
+        splits = pool_splits[objective]
         for split, limit in (("train", config.max_train_pairs), ("validation", config.max_eval_pairs)):
             pairs = _subsample(splits[split], limit, config.seed + objective_index)
             indices[split][objective] = add_pair_sequences(collator, pairs, sequences)

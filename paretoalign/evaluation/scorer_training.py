@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import SPLIT_NAMES, PreferencePair, load_default_pairs, split_pairs
+from ..data import PKU_SOURCE, SPLIT_NAMES, PreferencePair, load_default_pairs, split_pools
 from ..files import atomic_write
 from .rewards import (
     DEFAULT_FEATURES,
@@ -294,6 +294,17 @@ def select_head(
 # ---------------------------------------------------------------------------------------------- the whole run
 
 
+def hh_splits(data_dir=None, seed: int = 0) -> dict[str, dict[str, list[PreferencePair]]]:
+    """The HH-RLHF pairs of every split, ``{objective: {split: pairs}}``: split together with PKU-SafeRLHF (so each
+    prompt lands where the Dual-Head's training puts it), then PKU dropped: the shipped scorers know HH-RLHF only
+    (MIT data, and a judge independent of the PKU pairs the heads learn from)."""
+    splits = split_pools(load_default_pairs(include_pku=True, data_dir=data_dir), seed=seed)
+    return {
+        objective: {name: [pair for pair in pairs if pair.source != PKU_SOURCE] for name, pairs in by_split.items()}
+        for objective, by_split in splits.items()
+    }
+
+
 def train_scorer(config: ScorerTrainConfig | None = None, progress: bool = True, data_dir: str | Path | None = None) -> dict:
     """Train, select on validation, test once, and write a MiniLM scorer checkpoint to ``config.output_dir``.
 
@@ -307,12 +318,10 @@ def train_scorer(config: ScorerTrainConfig | None = None, progress: bool = True,
     cache = EmbeddingCache(
         Path(config.embedding_cache) if config.embedding_cache else default_cache_dir() / encoder_cache_name(max_seq_length)
     )
-    pools = load_default_pairs(data_dir=data_dir)
     heads, results = {}, {}
     encoded: dict[str, dict[str, EncodedPairs]] = {}
     baselines: dict[str, dict[str, float]] = {}
-    for objective, pairs in pools.items():
-        splits = split_pairs(pairs, seed=config.split_seed)
+    for objective, splits in hh_splits(data_dir, config.split_seed).items():
         baselines[objective] = {name: longer_reply_accuracy(splits[name]) for name in ("validation", "test")}
         encoded[objective] = {
             name: encode_pairs(
@@ -440,7 +449,7 @@ Ray2333 GPT-2 reward models instead.
 Anthropic HH-RLHF (MIT License, Copyright (c) 2022 Anthropic; see `data/README.md` and
 `data/hh-rlhf/LICENSE`): helpfulness from helpful-base, helpful-online and helpful-rejection-sampled,
 harmlessness from harmless-base. These are HH-RLHF's own test files, re-split by prompt with
-`paretoalign.data.split_pairs(seed={summary["split_seed"]})` into train / validation / test. PKU-SafeRLHF was not used.
+`paretoalign.evaluation.scorer_training.hh_splits(seed={summary["split_seed"]})` into train / validation / test (split together with PKU-SafeRLHF, near-duplicate prompts kept in one split; PKU-SafeRLHF itself was not used).
 
 ## Training
 

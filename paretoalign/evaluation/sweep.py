@@ -113,7 +113,7 @@ def _prompts_from_records(records: list[dict], path: Path) -> list[str | list[di
 
 def _split_prompts(spec: str) -> list[list[dict]]:
     """``split:test`` or ``split:test:harmlessness``: prompts of the vendored data's split (seed 0)."""
-    from ..data import SPLIT_NAMES, load_default_pairs, split_pairs
+    from ..data import SPLIT_NAMES, load_default_pairs, split_pools
 
     parts = spec[len(SPLIT_PREFIX) :].split(":")
     if len(parts) > 2 or parts[0] not in SPLIT_NAMES:
@@ -123,7 +123,8 @@ def _split_prompts(spec: str) -> list[list[dict]]:
     unknown = [name for name in objectives if name not in pools]
     if unknown:
         raise ValueError(f"prompts {spec!r}: objective {unknown[0]!r} has no vendored pairs; choose from {sorted(pools)}")
-    return [pair.prompt for name in objectives for pair in split_pairs(pools[name], seed=0)[parts[0]]]
+    splits = split_pools(pools, seed=0)
+    return [pair.prompt for name in objectives for pair in splits[name][parts[0]]]
 
 
 def load_prompts(source: str | os.PathLike, limit: int | None = None) -> list[SweepPrompt]:
@@ -191,6 +192,9 @@ class SweepConfig:
     seed: int = 0
     strength: float | None = field(default=None, metadata={"help": "steering strength passed to every method (default: its own)"})
     fusion: str | None = field(default=None, metadata={"help": "Dual-Head fusion override: gate or genarm"})
+    guidance_top_k: int | None = field(
+        default=None, metadata={"help": "Dual-Head: steer within the base model's top-k tokens (default: the checkpoint's; 0: all)"}
+    )
     checkpoint: str | None = None
     backbone: str | None = None
     scorer: str | None = field(default=None, metadata={"help": "reward scorer spec for load_scorer (default: the shipped one)"})
@@ -201,7 +205,7 @@ class SweepConfig:
 
     def __post_init__(self):
         from ..generation import SamplingConfig
-        from ..model import FUSION_MODES
+        from ..model import FUSION_MODES, check_guidance_top_k
 
         self.methods = parse_methods(self.methods)
         preference_grid(self.grid, 2)
@@ -214,6 +218,8 @@ class SweepConfig:
             raise ValueError(f"limit must be a positive integer, got {self.limit!r}")
         if self.strength is not None and not (isinstance(self.strength, (int, float)) and math.isfinite(self.strength)):
             raise ValueError(f"strength must be a finite number, got {self.strength!r}")
+        if self.guidance_top_k is not None:
+            check_guidance_top_k(self.guidance_top_k)
         if self.fusion is not None and self.fusion not in FUSION_MODES:
             raise ValueError(f"fusion must be one of {FUSION_MODES} or None, got {self.fusion!r}")
         if not str(self.out).strip():
@@ -540,6 +546,7 @@ def _settings(config: SweepConfig, model, scorer, scorer_loaded: bool, prompts: 
         },
         "strength": config.strength,
         "fusion": config.fusion,
+        "guidance_top_k": config.guidance_top_k,
         "system_prompt": config.system_prompt,
         "batch_size": config.batch_size,
     }
@@ -552,7 +559,7 @@ def _run_method(name: str, todo: list[_Job], config: SweepConfig, model, scorer,
     objectives = list(model.objectives)
     columns = _score_columns(scorer, objectives)
     uniform = [1.0 / len(objectives)] * len(objectives)  # what a method that ignores the preference is handed
-    decoder = build_decoder(name, model, strength=config.strength, fusion=config.fusion)
+    decoder = build_decoder(name, model, strength=config.strength, fusion=config.fusion, guidance_top_k=config.guidance_top_k)
     counter = ModelPassCounter(decoder)
     memory = PeakMemory(model.device).start()
     written = 0
