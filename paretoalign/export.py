@@ -77,6 +77,30 @@ def _reward_input(model_config: dict) -> str:
     )
 
 
+def _data_sources(config: dict, pools: dict) -> str:
+    counts = ", ".join(f"{n} {name} pairs" for name, n in pools.items())
+    if config.get("include_pku", False):
+        return (
+            "HH-RLHF pairs (MIT, Anthropic) and PKU-SafeRLHF safer/unsafe pairs as harmlessness (**CC BY-NC 4.0: these "
+            f"weights inherit its non-commercial license**; `configs/hh-only.json` trains an MIT-clean checkpoint); see "
+            f"`data/README.md`: {counts}"
+        )
+    return f"Vendored HH-RLHF pairs only (MIT, Anthropic; see `data/README.md`; PKU-SafeRLHF not used): {counts}"
+
+
+def _preference_step(config: dict) -> str:
+    if config.get("preference_sampling", "step") == "objective":
+        return (
+            f"each step takes {config['batch_pairs']} pairs per objective and scores each objective's pairs at its own "
+            "one-hot preference (w_i = 1/k below), so each one-hot learns from its own labels and interior preferences "
+            "interpolate them; it minimises"
+        )
+    return (
+        f"PARM's multi-objective step with the Dual-Head losses: each step draws w ~ Dirichlet({config['dirichlet_concentration']}) "
+        f"and {config['batch_pairs']} pairs per objective, and minimises"
+    )
+
+
 def write_model_card(run_dir: Path, checkpoint_dir: Path, results: dict) -> str:
     config = json.loads((run_dir / "train_config.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -100,16 +124,15 @@ Reproduce one cell: `paretoalign arm-accuracy --split test --objective harmlessn
 
 ## Data
 
-Vendored HH-RLHF pairs (MIT, Anthropic; see `data/README.md`): {', '.join(f'{n} {name} pairs' for name, n in pools.items())}
-after dropping identical or empty replies; split 80/10/10 **by prompt** with seed {config['split_seed']}.
+{_data_sources(config, pools)}
+after dropping identical or empty replies; split 80/10/10 **by prompt**, near-duplicate prompts kept in one split, with seed {config['split_seed']}.
 Training used at most {config['max_train_pairs']} train pairs per objective and {config['max_eval_pairs']} validation
 pairs per objective; prompts ≤ {config['max_prompt_length']} tokens (whole turns dropped from the start), sequences ≤ {config['max_length']}
-tokens. PKU-SafeRLHF: {'included' if config['include_pku'] else 'not used (opt-in, CC BY-NC 4.0)'}.
+tokens.
 
 ## Training
 
-`paretoalign train --config configs/default.json` — PARM's multi-objective step with the Dual-Head losses:
-each step draws w ~ Dirichlet({config['dirichlet_concentration']}) and {config['batch_pairs']} pairs per objective, and minimises
+`paretoalign train --config configs/default.json` — {_preference_step(config)}
 L_LM(fused logits, chosen replies{"" if config.get("lm_loss_trains_reward_head", True) else "; it trains the gate only, not the reward head"}) + {config['lambda_r']} · Σ_i w_i L_pref,i − {config['lambda_g']} · E_t[H(α_t)], with
 L_pref = −log σ(β_r (R(chosen) − R(rejected))), β_r = {config['beta_r']}.
 AdamW (β = {tuple(config['adam_betas'])}, lr {config['learning_rate']}, weight decay {config['weight_decay']}), cosine decay

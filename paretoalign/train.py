@@ -34,6 +34,7 @@ from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss
 from .model import DualHeadConfig, DualHeadModel
 from .objective import PairBatch, join_pair_batches, score_pairs
 from .preference import DEFAULT_OBJECTIVES
+from .teachers import relabel_with_teachers
 
 logger = logging.getLogger(__name__)
 PREFERENCE_SAMPLINGS = ("step", "objective")
@@ -78,6 +79,17 @@ class TrainConfig:
         },
     )
     dirichlet_concentration: float = field(default=1.0, metadata={"help": "w ~ Dirichlet(c); 1 is uniform"})
+    teacher_objectives: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "objectives whose teacher (a Bradley-Terry probe on pooled cached states, trained on that objective's "
+            "training pairs) labels the other objectives' training pairs, which then train this objective too "
+            "(paretoalign.teachers); []: human labels only"
+        },
+    )
+    teacher_accuracy: float = field(
+        default=0.75, metadata={"help": "keep teacher labels above the margin at which the teacher reaches this validation accuracy"}
+    )
     preference_sampling: str = field(
         default="step",
         metadata={
@@ -127,6 +139,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.reward_learning_rate is not None and not self.reward_learning_rate > 0:
             raise ValueError(f"reward_learning_rate must be > 0 or null, got {self.reward_learning_rate!r}")
+        self.teacher_objectives = list(self.teacher_objectives)
+        unknown = [name for name in self.teacher_objectives if name not in self.objectives]
+        if unknown:
+            raise ValueError(f"teacher_objectives must be among objectives {self.objectives}, got {unknown}")
+        if not 0.5 <= self.teacher_accuracy <= 1:
+            raise ValueError(f"teacher_accuracy must be in [0.5, 1], got {self.teacher_accuracy!r}")
         if self.preference_sampling not in PREFERENCE_SAMPLINGS:
             raise ValueError(f"preference_sampling must be one of {PREFERENCE_SAMPLINGS}, got {self.preference_sampling!r}")
         for name in ("learning_rate", "beta_r", "dirichlet_concentration"):
@@ -208,6 +226,7 @@ class PreparedData:
     block_cache: FeatureCache | None = None  # the same sequences' input of block ``block_layer`` (reward branch)
     block_layer: int | None = None
     candidates: CandidateCache | None = None  # candidate tokens of every response position (``candidate_tokens``)
+    teacher_report: dict | None = None  # what the teachers labelled (``teacher_objectives``)
 
     def collate(self, index: PairIndex, pair_ids: np.ndarray, candidates: bool = True) -> PairBatch:
         """The pairs ``pair_ids`` of ``index`` as a :class:`PairBatch`, with the block states and (``candidates``)
@@ -271,7 +290,12 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
         candidates = build_candidate_cache(
             lm_head, cache, prompt_lengths, config.candidate_tokens, config.tail_samples, config.seed, progress
         )
-    return PreparedData(cache, indices["train"], indices["validation"], block_cache, block_layer, candidates)
+    train_index, report = indices["train"], None
+    if config.teacher_objectives:
+        train_index, report = relabel_with_teachers(
+            cache, indices["train"], indices["validation"], config.teacher_objectives, config.teacher_accuracy
+        )
+    return PreparedData(cache, train_index, indices["validation"], block_cache, block_layer, candidates, report)
 
 
 def collate_pairs(
@@ -510,6 +534,9 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
     with accelerator.main_process_first():
         data = prepare_data(config, model, progress and accelerator.is_main_process)
     feature_seconds = time.time() - prepared_at
+    if data.teacher_report is not None and accelerator.is_main_process:
+        report_text = json.dumps(data.teacher_report, indent=2) + "\n"
+        atomic_write(output / "teacher_labels.json", lambda tmp: Path(tmp).write_text(report_text))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config), lr=config.learning_rate, betas=config.adam_betas, weight_decay=config.weight_decay

@@ -176,3 +176,52 @@ def test_steering_prompts_are_held_out_distinct_and_seeded(tmp_path):
     assert sources <= {"harmless-base", "pku-saferlhf"}
     with pytest.raises(ValueError, match="per_set must be a positive integer"):
         write_steering_prompts(tmp_path, "validation", per_set=0)
+
+
+# ---------------------------------------------------------------------------------------------- teachers
+
+
+def test_teacher_learns_a_direction_and_calibrates_its_threshold():
+    from paretoalign.teachers import calibrate_threshold, fit_teacher
+
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=16)
+
+    def pairs(n):
+        a, b = rng.normal(size=(n, 16)), rng.normal(size=(n, 16))
+        better = (a - b) @ direction > 0
+        return np.where(better[:, None], a, b).astype(np.float32), np.where(better[:, None], b, a).astype(np.float32)
+
+    teacher = fit_teacher(*pairs(400), l2=0.01)
+    held_out = teacher.margin(*pairs(200))
+    assert (held_out > 0).mean() > 0.9
+    # four validation margins, the two most confident right: 100% accuracy needs |margin| >= 2
+    assert calibrate_threshold(np.array([3.0, -2.5, 2.0, 0.5]), 1.0, min_kept=0.25) == 3.0
+    assert calibrate_threshold(np.array([3.0, 2.5, -2.0, 0.5]), 1.0, min_kept=0.25) == 2.5
+    assert calibrate_threshold(np.array([3.0, 2.5, -2.0, 0.5]), 0.75, min_kept=0.25) == 0.5
+    with pytest.raises(ValueError, match="target_accuracy"):
+        calibrate_threshold(held_out, 0.4)
+
+
+def test_teacher_labels_join_the_other_objectives_pairs(backbone, tokenizer, small_data, tmp_path):
+    from paretoalign.model import DualHeadModel
+    from paretoalign.train import TrainConfig, prepare_data
+
+    config = TrainConfig(
+        output_dir=str(tmp_path / "run"), backbone="tiny", data_dir=str(small_data), feature_cache=str(tmp_path / "features"),
+        max_train_pairs=16, max_eval_pairs=6, max_length=96, max_prompt_length=64, model={"gate_size": 16, "gate_heads": 2},
+        teacher_objectives=["helpfulness"], teacher_accuracy=0.5,
+    )
+    model = DualHeadModel(backbone, tokenizer, config.model_config())
+    plain = prepare_data(TrainConfig(**{**config.to_dict(), "teacher_objectives": []}), model, progress=False)
+    data = prepare_data(config, model, progress=False)
+    report = data.teacher_report["helpfulness"]["labels"]["harmlessness"]
+    added = len(data.train["helpfulness"].chosen) - len(plain.train["helpfulness"].chosen)
+    assert added == report["kept"] > 0
+    assert np.array_equal(data.train["harmlessness"].chosen, plain.train["harmlessness"].chosen)  # human labels only
+    extra = data.train["helpfulness"]
+    harmless = plain.train["harmlessness"]
+    sequences = set(harmless.chosen) | set(harmless.rejected)
+    assert set(extra.chosen[-added:]) | set(extra.rejected[-added:]) <= sequences  # the same cached replies
+    with pytest.raises(ValueError, match="teacher_objectives must be among objectives"):
+        TrainConfig(**{**config.to_dict(), "teacher_objectives": ["honesty"]})
