@@ -90,7 +90,9 @@ def relabel_with_teachers(
         ``train`` with each teacher objective's index extended by the relabelled pairs (chosen and rejected swapped
         where the teacher prefers the other reply), and a report: per teacher its validation accuracy, threshold,
         and per labelled objective the share of pairs kept and how often the teacher disagrees with the pair's own
-        human label (the conflict rate: an upper bound on any trade-off learnable from the data).
+        human label (the conflict rate: an upper bound on any trade-off learnable from the data); and the validation
+        conflict pairs ``{(objective, teacher objective): PairIndex}``, oriented to the human label of ``objective``,
+        that the teacher confidently labels the other way.
     """
     from .train import PairIndex  # the index type lives with the trainer
 
@@ -104,7 +106,7 @@ def relabel_with_teachers(
     if unknown:
         raise ValueError(f"teacher_objectives {unknown} are not training objectives {sorted(train)}")
     features = {name: pooled(index) for name, index in train.items()}
-    extended, report = dict(train), {}
+    extended, report, teachers = dict(train), {}, {}
     for teacher_name in teacher_objectives:
         teacher = fit_teacher(*features[teacher_name], l2=l2)
         val_margins = teacher.margin(*pooled(validation[teacher_name]))
@@ -135,4 +137,14 @@ def relabel_with_teachers(
             }
         extended[teacher_name] = PairIndex(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("chosen", "rejected", "prompt_length")))
         report[teacher_name] = entry
-    return extended, report
+        teachers[teacher_name] = teacher
+    conflicts = {}
+    for teacher_name, teacher in teachers.items():
+        for other, index in validation.items():
+            if other == teacher_name:
+                continue
+            margins = teacher.margin(*pooled(index))
+            keep = (np.abs(margins) >= teacher.threshold) & (margins < 0)  # confident, and against the human label
+            conflicts[(other, teacher_name)] = PairIndex(index.chosen[keep], index.rejected[keep], index.prompt_length[keep])
+            report[teacher_name]["labels"][other]["validation_conflicts"] = int(keep.sum())
+    return extended, report, conflicts

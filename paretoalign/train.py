@@ -227,6 +227,7 @@ class PreparedData:
     block_layer: int | None = None
     candidates: CandidateCache | None = None  # candidate tokens of every response position (``candidate_tokens``)
     teacher_report: dict | None = None  # what the teachers labelled (``teacher_objectives``)
+    conflicts: dict | None = None  # {(objective, teacher objective): validation pairs the two label opposite ways}
 
     def collate(self, index: PairIndex, pair_ids: np.ndarray, candidates: bool = True) -> PairBatch:
         """The pairs ``pair_ids`` of ``index`` as a :class:`PairBatch`, with the block states and (``candidates``)
@@ -290,12 +291,12 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
         candidates = build_candidate_cache(
             lm_head, cache, prompt_lengths, config.candidate_tokens, config.tail_samples, config.seed, progress
         )
-    train_index, report = indices["train"], None
+    train_index, report, conflicts = indices["train"], None, None
     if config.teacher_objectives:
-        train_index, report = relabel_with_teachers(
+        train_index, report, conflicts = relabel_with_teachers(
             cache, indices["train"], indices["validation"], config.teacher_objectives, config.teacher_accuracy
         )
-    return PreparedData(cache, train_index, indices["validation"], block_cache, block_layer, candidates, report)
+    return PreparedData(cache, train_index, indices["validation"], block_cache, block_layer, candidates, report, conflicts)
 
 
 def collate_pairs(
@@ -434,6 +435,23 @@ def evaluate(
         for slot, preference in enumerate(preferences):
             label = ",".join(f"{w:g}" for w in preference)
             results[f"val/{objective}/accuracy@{label}"] = correct[slot] / max(len(index.chosen), 1)
+    # Conflict pairs: does each one-hot side with its own objective's label where the two objectives disagree?
+    for (objective, teacher), index in (data.conflicts or {}).items():
+        if not len(index.chosen):
+            continue
+        own, other = (tuple(float(name == target) for name in config.objectives) for target in (objective, teacher))
+        agree = {own: 0, other: 0}
+        for start in range(0, len(index.chosen), batch_pairs):
+            ids = np.arange(start, min(start + batch_pairs, len(index.chosen)))
+            batch = data.collate(index, ids, candidates=not exact).to(model.device)
+            for preference in (own, other):
+                rows = torch.tensor(preference, device=model.device).expand(batch.input_ids.shape[0], -1)
+                chosen, rejected = score_pairs(model, batch, rows, fused=False, exact=exact).chosen_and_rejected()
+                agree[preference] += int((chosen > rejected).sum()) if preference == own else int((chosen < rejected).sum())
+        for preference, target in ((own, objective), (other, teacher)):
+            label = ",".join(f"{w:g}" for w in preference)
+            results[f"val/conflict/{objective}-vs-{teacher}/agrees-with-{target}@{label}"] = agree[preference] / len(index.chosen)
+        results[f"val/conflict/{objective}-vs-{teacher}/pairs"] = len(index.chosen)
     model.train()
     return results
 

@@ -216,6 +216,7 @@ def test_teacher_labels_join_the_other_objectives_pairs(backbone, tokenizer, sma
     plain = prepare_data(TrainConfig(**{**config.to_dict(), "teacher_objectives": []}), model, progress=False)
     data = prepare_data(config, model, progress=False)
     report = data.teacher_report["helpfulness"]["labels"]["harmlessness"]
+    assert set(data.conflicts) == {("harmlessness", "helpfulness")}
     added = len(data.train["helpfulness"].chosen) - len(plain.train["helpfulness"].chosen)
     assert added == report["kept"] > 0
     assert np.array_equal(data.train["harmlessness"].chosen, plain.train["harmlessness"].chosen)  # human labels only
@@ -223,5 +224,14 @@ def test_teacher_labels_join_the_other_objectives_pairs(backbone, tokenizer, sma
     harmless = plain.train["harmlessness"]
     sequences = set(harmless.chosen) | set(harmless.rejected)
     assert set(extra.chosen[-added:]) | set(extra.rejected[-added:]) <= sequences  # the same cached replies
+    from paretoalign.train import evaluate
+
+    results = evaluate(model, data, config)
+    conflicts = data.conflicts[("harmlessness", "helpfulness")]
+    if len(conflicts.chosen):  # the head's agreement with each side's label, at each side's one-hot
+        own = results["val/conflict/harmlessness-vs-helpfulness/agrees-with-harmlessness@0,1"]
+        other = results["val/conflict/harmlessness-vs-helpfulness/agrees-with-helpfulness@1,0"]
+        assert 0 <= own <= 1 and 0 <= other <= 1
+        assert results["val/conflict/harmlessness-vs-helpfulness/pairs"] == len(conflicts.chosen)
     with pytest.raises(ValueError, match="teacher_objectives must be among objectives"):
         TrainConfig(**{**config.to_dict(), "teacher_objectives": ["honesty"]})
