@@ -350,7 +350,7 @@ def train_scorer(config: ScorerTrainConfig | None = None, progress: bool = True,
         }
     seconds = time.perf_counter() - started
     summary = {
-        "objectives": list(pools),
+        "objectives": list(encoded),
         "results": results,
         "split_seed": config.split_seed,
         "seed": config.seed,
@@ -360,8 +360,8 @@ def train_scorer(config: ScorerTrainConfig | None = None, progress: bool = True,
         "machine": machine_description(),
     }
     scorer_config = MiniLMScorerConfig(
-        objectives=list(pools),
-        hidden_sizes={objective: results[objective]["selected"]["hidden_size"] for objective in pools},
+        objectives=list(encoded),
+        hidden_sizes={objective: results[objective]["selected"]["hidden_size"] for objective in encoded},
         features=list(config.features),
         prompt_text=config.prompt_text,
         embedding_size=embedding_size(encoder),
@@ -370,8 +370,8 @@ def train_scorer(config: ScorerTrainConfig | None = None, progress: bool = True,
         training={
             **asdict(config),
             "selection": "lowest validation Bradley-Terry loss over hidden_sizes x weight_decays, and over epochs",
-            "selected": {objective: results[objective]["selected"] for objective in pools},
-            "test_accuracy": {objective: results[objective]["test"]["accuracy"] for objective in pools},
+            "selected": {objective: results[objective]["selected"] for objective in encoded},
+            "test_accuracy": {objective: results[objective]["test"]["accuracy"] for objective in encoded},
         },
     )
     scorer_config.training.pop("output_dir")
