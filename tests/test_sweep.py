@@ -77,7 +77,7 @@ def test_split_prompts_are_the_deduplicated_test_prompts(monkeypatch):
         "harmlessness": [PreferencePair(shared, "c", "d", "harmlessness", "s")],
     }
     monkeypatch.setattr("paretoalign.data.load_default_pairs", lambda: pools)
-    monkeypatch.setattr("paretoalign.data.split_pairs", lambda pairs, seed=0: {"test": list(pairs), "train": []})
+    monkeypatch.setattr("paretoalign.data.split_pairs", lambda pairs, seed=0, fractions=None: {"test": list(pairs), "train": []})
     assert [p.prompt for p in load_prompts("split:test")] == [shared, [{"role": "user", "content": "h"}]]
     assert [p.prompt for p in load_prompts("split:test:harmlessness")] == [shared]
     with pytest.raises(ValueError, match="'honesty' has no vendored pairs"):

@@ -34,9 +34,13 @@ SETS = ("harmful", "benign")
 SET_OBJECTIVE = {"harmful": "harmlessness", "benign": "helpfulness"}
 
 
-def write_steering_prompts(out: str | os.PathLike, split: str = "validation", per_set: int = 100, seed: int = 0) -> dict:
+def write_steering_prompts(
+    out: str | os.PathLike, split: str = "validation", per_set: int = 100, seed: int = 0, max_chars: int = 600
+) -> dict:
     """Write ``{out}/{split}-harmful.jsonl`` and ``{split}-benign.jsonl``: ``per_set`` distinct prompts of the
-    split each, a seeded random sample (``{"prompt": ..., "source": ...}`` a line). Returns ``{set: path}``."""
+    split each, a seeded random sample (``{"prompt": ..., "source": ...}`` a line) of the prompts whose messages
+    hold at most ``max_chars`` characters in all (long red-team dialogues would make the evaluation about prefill,
+    not steering). Returns ``{set: path}``."""
     from ..data import SPLIT_NAMES, load_default_pairs, split_pools
 
     if split not in SPLIT_NAMES:
@@ -50,6 +54,8 @@ def write_steering_prompts(out: str | os.PathLike, split: str = "validation", pe
     for name, objective in SET_OBJECTIVE.items():
         distinct: dict[str, dict] = {}
         for pair in splits[objective][split]:
+            if sum(len(message["content"]) for message in pair.prompt) > max_chars:
+                continue
             distinct.setdefault(prompt_id(pair.prompt), {"prompt": pair.prompt, "source": pair.source})
         records = sorted(distinct.values(), key=lambda record: prompt_id(record["prompt"]))
         random.Random(seed).shuffle(records)
@@ -163,20 +169,30 @@ def steering_summary(directories: dict[str, str | os.PathLike], nll: dict[str, d
     """Per set, method and preference: refusal share and interval, scores, fluency, change share; and per method the
     selective-steering statistic between the grid's two ends (the first and the last preference).
 
-    ``directories``: ``{"harmful": sweep dir, "benign": sweep dir}``. ``nll``: ``{set: add_base_nll(...)}``.
+    ``directories``: ``{"harmful": sweep dir or dirs, "benign": the same number of dirs}``; with several dirs a method
+    met in more than one is named ``method (parent folder name)``. ``nll``: ``{set: add_base_nll(...)}`` merged over
+    a set's dirs.
     """
     table, per_prompt, objectives = {}, {}, None
-    for name, directory in directories.items():
-        settings = json.loads((Path(directory) / "sweep.json").read_text())
-        objectives = settings["objectives"]
+    for name, found in directories.items():
         groups: dict[tuple, list[dict]] = defaultdict(list)
-        for row in read_results(Path(directory) / RESULTS_NAME):
-            groups[(row["method"], None if row["preference"] is None else tuple(row["preference"]))].append(row)
+        folders = [Path(found)] if isinstance(found, (str, os.PathLike)) else [Path(d) for d in found]
+        loaded = [(folder, read_results(folder / RESULTS_NAME)) for folder in folders]
+        seen = defaultdict(int)
+        for _, rows in loaded:
+            for method in {row["method"] for row in rows}:
+                seen[method] += 1
+        for folder, rows in loaded:
+            objectives = json.loads((folder / "sweep.json").read_text())["objectives"]
+            for row in rows:
+                method = row["method"] if seen[row["method"]] == 1 else f"{row['method']} ({folder.parent.name})"
+                row = {**row, "_folder": str(folder)}
+                groups[(method, None if row["preference"] is None else tuple(row["preference"]))].append(row)
         for (method, preference), rows in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or ())):
             rows.sort(key=lambda r: r["prompt_id"])
             refusals = [float(is_refusal(r["text"])) for r in rows]
             low, high = bootstrap_interval(refusals)
-            nlls = [v for v in ((nll or {}).get(name, {}).get(_key(r)) for r in rows) if v is not None]
+            nlls = [v for v in ((nll or {}).get(name, {}).get((r["_folder"], *_key(r))) for r in rows) if v is not None]
             scores = {o: np.array([r["scores"][o] for r in rows]) for o in objectives}
             entry = {
                 "n": len(rows),
@@ -249,7 +265,13 @@ def write_steering_report(directories: dict[str, str | os.PathLike], out: str | 
     unknown = sorted(set(directories) - set(SETS))
     if unknown:
         raise ValueError(f"directories must be keyed by {SETS}, got {sorted(directories)}")
-    nll = {name: add_base_nll(directory, model) for name, directory in directories.items()} if model is not None else None
+    nll = None
+    if model is not None:
+        nll = {}
+        for name, found in directories.items():
+            for folder in [found] if isinstance(found, (str, os.PathLike)) else found:
+                values = add_base_nll(folder, model)
+                nll.setdefault(name, {}).update({(str(Path(folder)), *key): value for key, value in values.items()})
     summary = steering_summary(directories, nll)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -505,7 +505,9 @@ def run_sweep(
         points = grid if get_method(name).uses_preference else [None]
         every = [_Job(name, point, index, prompt) for index, prompt in enumerate(prompts) for point in points]
         total += len(every)
-        jobs[name] = [job for job in every if (name, job.preference, job.prompt.id) not in done]
+        pending_jobs = [job for job in every if (name, job.preference, job.prompt.id) not in done]
+        # Batches of similar prompt lengths pad less (prefill of left-padded prompts dominates long prompts).
+        jobs[name] = sorted(pending_jobs, key=lambda job: len(json.dumps(job.prompt.prompt, ensure_ascii=False)))
     pending = sum(len(todo) for todo in jobs.values())
     bar = _progress(pending, progress)
     written = 0
