@@ -22,6 +22,7 @@ def _add_generate(subparsers) -> None:
     parser.add_argument("--method", default="dualhead", choices=["dualhead", "base"])
     parser.add_argument("--fusion", default=None, choices=["gate", "genarm"], help="default: the checkpoint's")
     parser.add_argument("--strength", type=float, default=None, help="steering strength (default: the checkpoint's)")
+    parser.add_argument("--guidance-top-k", type=int, default=None, help="steer within the base model's top-k tokens (default: the checkpoint's; 0: all)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=0.9)
@@ -46,7 +47,7 @@ def run_generate(args: argparse.Namespace) -> int:
     preference = _model_order(objectives, weights, model.objectives)
     by_name = dict(zip(objectives, weights))
     options = dict(
-        method=args.method, fusion=args.fusion, strength=args.strength, system_prompt=args.system_prompt,
+        method=args.method, fusion=args.fusion, strength=args.strength, guidance_top_k=args.guidance_top_k, system_prompt=args.system_prompt,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
     )
     if args.stream:

@@ -29,6 +29,7 @@ class StepOutput:
 
     logits: torch.Tensor  # (B, V)
     gate: torch.Tensor | None = None  # (B,)
+    base_logits: torch.Tensor | None = None  # (B, V) the frozen backbone's own, when the method computes them anyway
 
 
 class Decoder(Protocol):
@@ -55,7 +56,8 @@ class BaseDecoder:
             use_cache=True,
             logits_to_keep=1,
         )
-        return StepOutput(out.logits[:, -1].float())  # (B, V)
+        logits = out.logits[:, -1].float()  # (B, V)
+        return StepOutput(logits, base_logits=logits)
 
     def start(self, input_ids, attention_mask, preference) -> StepOutput:
         self.cache = DynamicCache(config=self.backbone.config)
@@ -93,7 +95,7 @@ class DualHeadDecoder:
             reward_hidden=reward_hidden,
         )
         logits = restrict_to_base_top_k(output.logits[:, -1], output.lm_logits[:, -1], self.guidance_top_k)  # (B, V)
-        return StepOutput(logits, output.gate[:, -1])  # (B, V), (B,)
+        return StepOutput(logits, output.gate[:, -1], output.lm_logits[:, -1])  # (B, V), (B,), (B, V)
 
     def start(self, input_ids, attention_mask, preference) -> StepOutput:
         self.cache = DynamicCache(config=self.model.backbone.config)
@@ -116,6 +118,12 @@ class Generation:
     preference: list[float]
     finish_reason: str  # "eos" or "length"
     prompt: str = field(default="", repr=False)
+    base_logprobs: list[float] = field(default_factory=list, repr=False)  # the frozen backbone's log-prob of each token
+
+    @property
+    def base_nll(self) -> float | None:
+        """The frozen backbone's mean per-token negative log-likelihood of the answer (``None`` when not measured)."""
+        return -sum(self.base_logprobs) / len(self.base_logprobs) if self.base_logprobs and len(self.base_logprobs) == len(self.token_ids) else None
 
 
 @dataclass
@@ -202,6 +210,7 @@ class DecodeStep:
     gate: torch.Tensor | None  # (B,)
     active: torch.Tensor  # (B,) bool: row was still generating at this step
     finished: torch.Tensor  # (B,) bool: row has stopped (after this step)
+    base_logprob: torch.Tensor | None = None  # (B,) the frozen backbone's log-probability of each chosen token
 
 
 @torch.no_grad()
@@ -233,7 +242,10 @@ def decode_steps(
         active = ~finished
         tokens = torch.where(active, _choose(out.logits, sampling, warpers, generators), pad_id)  # (B,)
         finished = finished | torch.isin(tokens, eos)
-        yield DecodeStep(tokens, out.gate, active, finished.clone())
+        base_logprob = None
+        if out.base_logits is not None:  # what the frozen model thinks of the chosen token: a fluency measure for free
+            base_logprob = torch.log_softmax(out.base_logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)  # (B,)
+        yield DecodeStep(tokens, out.gate, active, finished.clone(), base_logprob)
         if finished.all() or step == sampling.max_new_tokens - 1:
             return
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)  # (B, P + 1)
@@ -250,6 +262,7 @@ class GenerationRun:
         self.pieces: list[list[str]] = [[] for _ in texts]
         self.texts = [""] * len(texts)
         self.gates: list[list[float]] = [[] for _ in texts]
+        self.base_logprobs: list[list[float]] = [[] for _ in texts]
         self.finish = ["length"] * len(texts)
 
     def _append_token(self, row: int, token: int) -> None:
@@ -271,6 +284,7 @@ class GenerationRun:
     def add(self, step: DecodeStep) -> None:
         tokens = step.tokens.tolist()
         gates = step.gate.float().tolist() if step.gate is not None else None
+        base = step.base_logprob.tolist() if step.base_logprob is not None else None
         for row, is_active in enumerate(step.active.tolist()):
             if not is_active:
                 continue
@@ -280,10 +294,15 @@ class GenerationRun:
             self._append_token(row, tokens[row])
             if gates is not None:
                 self.gates[row].append(gates[row])
+            if base is not None:
+                self.base_logprobs[row].append(base[row])
 
     def results(self) -> list[Generation]:
         return [
-            Generation(self.texts[row], list(ids), list(self.pieces[row]), list(self.gates[row]), self.preference[row], self.finish[row], self.prompts[row])
+            Generation(
+                self.texts[row], list(ids), list(self.pieces[row]), list(self.gates[row]), self.preference[row], self.finish[row],
+                self.prompts[row], list(self.base_logprobs[row]),
+            )
             for row, ids in enumerate(self.token_ids)
         ]
 
@@ -301,20 +320,22 @@ def prepare_batch(model: DualHeadModel, prompts, preference, chat: bool = True, 
     return texts, input_ids, attention_mask, preference
 
 
-def make_decoder(model: DualHeadModel, method: str = "dualhead", fusion: str | None = None, strength: float | None = None) -> Decoder:
+def make_decoder(
+    model: DualHeadModel, method: str = "dualhead", fusion: str | None = None, strength: float | None = None, guidance_top_k: int | None = None
+) -> Decoder:
     """The decoder for ``method``: ``dualhead`` (fused heads) or ``base`` (the frozen backbone alone)."""
     if method == "dualhead":
-        return DualHeadDecoder(model, fusion, strength)
+        return DualHeadDecoder(model, fusion, strength, guidance_top_k)
     if method == "base":
         return BaseDecoder(model.backbone)
     raise ValueError(f"method must be 'dualhead' or 'base', got {method!r}")
 
 
-def _runs(model, prompts, preference, method, fusion, strength, chat, system_prompt, decoder, sampling) -> Iterator[GenerationRun]:
+def _runs(model, prompts, preference, method, fusion, strength, guidance_top_k, chat, system_prompt, decoder, sampling) -> Iterator[GenerationRun]:
     sampling_config = SamplingConfig(**sampling)
     texts, input_ids, attention_mask, preference = prepare_batch(model, prompts, preference, chat, system_prompt)
     eos_ids = eos_token_ids(model.tokenizer, model.backbone)
-    decoder = decoder or make_decoder(model, method, fusion, strength)
+    decoder = decoder or make_decoder(model, method, fusion, strength, guidance_top_k)
     run = GenerationRun(model.tokenizer, texts, preference, eos_ids)
     model.eval()
     for step in decode_steps(decoder, input_ids, attention_mask, preference, sampling_config, eos_ids, model.tokenizer.pad_token_id):
@@ -330,13 +351,14 @@ def stream_generate(
     method: str = "dualhead",
     fusion: str | None = None,
     strength: float | None = None,
+    guidance_top_k: int | None = None,
     chat: bool = True,
     system_prompt: str | None = None,
     decoder: Decoder | None = None,
     **sampling,
 ) -> Iterator[list[Generation]]:
     """Like :func:`generate`, but yields every row's :class:`Generation` so far after each new token."""
-    for run in _runs(model, prompts, preference, method, fusion, strength, chat, system_prompt, decoder, sampling):
+    for run in _runs(model, prompts, preference, method, fusion, strength, guidance_top_k, chat, system_prompt, decoder, sampling):
         yield run.results()
 
 
@@ -348,6 +370,7 @@ def generate(
     method: str = "dualhead",
     fusion: str | None = None,
     strength: float | None = None,
+    guidance_top_k: int | None = None,
     chat: bool = True,
     system_prompt: str | None = None,
     decoder: Decoder | None = None,
@@ -360,11 +383,12 @@ def generate(
         preference: ``(k,)`` shared by all rows, ``(B, k)`` one per row, or ``(P, k)`` with a single prompt
             to sweep ``P`` preferences in one batch.
         method: ``dualhead`` or ``base``; ``decoder`` overrides it with any :class:`Decoder`.
-        fusion, strength: override the model's defaults (``gate``/``genarm``; steering strength).
+        fusion, strength, guidance_top_k: override the model's defaults (``gate``/``genarm``; steering strength; steer
+            within the base model's top-k tokens, 0: all).
         sampling: ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``seed`` (an int,
             or one per row); see :class:`SamplingConfig`.
     """
     run = None
-    for run in _runs(model, prompts, preference, method, fusion, strength, chat, system_prompt, decoder, sampling):
+    for run in _runs(model, prompts, preference, method, fusion, strength, guidance_top_k, chat, system_prompt, decoder, sampling):
         pass
     return run.results()

@@ -235,3 +235,17 @@ def test_teacher_labels_join_the_other_objectives_pairs(backbone, tokenizer, sma
         assert results["val/conflict/harmlessness-vs-helpfulness/pairs"] == len(conflicts.chosen)
     with pytest.raises(ValueError, match="teacher_objectives must be among objectives"):
         TrainConfig(**{**config.to_dict(), "teacher_objectives": ["honesty"]})
+
+
+def test_decoding_records_the_base_models_nll_of_its_own_answer(make_model, tokenizer):
+    """The NLL read off the decoder's base logits equals a teacher-forced pass of the backbone over the answer."""
+    model = make_model()
+    answer = generate(model, "How do I pick a lock?", [0.0, 1.0], strength=3.0, max_new_tokens=8, temperature=0)[0]
+    prompt_ids = tokenizer(answer.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([prompt_ids, torch.tensor([answer.token_ids])], dim=1)
+    with torch.no_grad():
+        logits = model.backbone(input_ids=ids).logits[0, prompt_ids.shape[1] - 1 : -1].float()  # (T, V)
+    expected = -torch.log_softmax(logits, -1).gather(-1, torch.tensor(answer.token_ids)[:, None]).mean()
+    assert answer.base_nll == pytest.approx(float(expected), abs=1e-4)
+    base = generate(model, "How do I pick a lock?", [0.5, 0.5], method="base", max_new_tokens=8, temperature=0)[0]
+    assert base.base_nll is not None and base.base_nll >= 0

@@ -114,7 +114,7 @@ def add_base_nll(directory: str | os.PathLike, model, batch_size: int = 8) -> di
     rows = read_results(directory / RESULTS_NAME)
     path = directory / NLL_NAME
     done = {(_key(r)): r["nll"] for r in read_results(path, repair=True)} if path.is_file() else {}
-    todo = [row for row in rows if _key(row) not in done]
+    todo = [row for row in rows if _key(row) not in done and row.get("base_nll") is None]  # decoders record most
     for start in range(0, len(todo), 64):
         chunk = todo[start : start + 64]
         values = base_nll(model, [r["prompt"] for r in chunk], [r["text"] for r in chunk], batch_size)
@@ -192,7 +192,11 @@ def steering_summary(directories: dict[str, str | os.PathLike], nll: dict[str, d
             rows.sort(key=lambda r: r["prompt_id"])
             refusals = [float(is_refusal(r["text"])) for r in rows]
             low, high = bootstrap_interval(refusals)
-            nlls = [v for v in ((nll or {}).get(name, {}).get((r["_folder"], *_key(r))) for r in rows) if v is not None]
+            nlls = [
+                v
+                for v in (r.get("base_nll") if r.get("base_nll") is not None else (nll or {}).get(name, {}).get((r["_folder"], *_key(r))) for r in rows)
+                if v is not None
+            ]
             scores = {o: np.array([r["scores"][o] for r in rows]) for o in objectives}
             entry = {
                 "n": len(rows),

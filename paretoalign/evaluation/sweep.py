@@ -14,7 +14,11 @@ Row schema of ``results.jsonl``::
 
     {"method": "dualhead", "preference": [0.1, 0.9] | null, "prompt_id": "3f2a...", "prompt_index": 0,
      "prompt": "..." | [{"role": ..., "content": ...}], "text": "...", "scores": {"helpfulness": 1.2, ...},
-     "tokens": 37, "finish_reason": "eos" | "length", "seconds": 0.12, "model_passes_per_token": 1.0, "seed": 12345}
+     "tokens": 37, "finish_reason": "eos" | "length", "seconds": 0.12, "model_passes_per_token": 1.0,
+     "base_nll": 1.9 | null, "seed": 12345}
+
+``base_nll`` is the frozen backbone's mean per-token negative log-likelihood of the answer, read off the logits the
+decoder computes anyway (``null`` for methods that do not expose them, and for empty answers).
 
 ``seconds`` is the row's share of its batch's generation time (batch seconds / rows in the batch), so
 summed tokens over summed seconds is the method's throughput; scoring time is not included.
@@ -597,6 +601,7 @@ def _run_method(name: str, todo: list[_Job], config: SweepConfig, model, scorer,
                     "finish_reason": generation.finish_reason,
                     "seconds": seconds / len(batch),
                     "model_passes_per_token": counter.total / steps if counter.models else None,
+                    "base_nll": generation.base_nll,
                     "seed": seed,
                 }
                 for row, (job, generation, seed) in enumerate(zip(batch, generations, seeds))
