@@ -184,6 +184,7 @@ def steering_summary(directories: dict[str, str | os.PathLike], nll: dict[str, d
                 seen[method] += 1
         for folder, rows in loaded:
             objectives = json.loads((folder / "sweep.json").read_text())["objectives"]
+            rows = list({_key(row): row for row in rows}.values())  # one row per (method, preference, prompt)
             for row in rows:
                 method = row["method"] if seen[row["method"]] == 1 else f"{row['method']} ({folder.parent.name})"
                 row = {**row, "_folder": str(folder)}
