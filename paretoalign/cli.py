@@ -181,13 +181,14 @@ def _add_export(subparsers) -> None:
     parser = subparsers.add_parser("export", help="ship a finished run: weights, log, test accuracy and a model card")
     parser.add_argument("--run", required=True, help="the training run's output directory")
     parser.add_argument("--out", required=True, help="checkpoint directory to write, e.g. checkpoints/default")
+    parser.add_argument("--max-pairs", type=int, default=None, help="test pairs per objective (a seeded sample; default: all)")
     parser.set_defaults(handler=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
-    results = export_run(args.run, args.out)
+    results = export_run(args.run, args.out, max_pairs=args.max_pairs)
     print(json.dumps(results, indent=2))
     return 0
 

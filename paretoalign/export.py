@@ -18,18 +18,42 @@ def card_preferences(k: int) -> list[list[float]]:
     return [one_hots[0], [1.0 / k] * k, *one_hots[1:]]
 
 
-def held_out_accuracy(model: DualHeadModel, split: str = "test", split_seed: int = 0, progress: bool = True, **kwargs) -> dict:
-    """ARM accuracy of every objective's ``split`` pairs at one-hot and uniform preferences.
+def held_out_accuracy(
+    model: DualHeadModel, split: str = "test", split_seed: int = 0, progress: bool = True, max_pairs: int | None = None, **kwargs
+) -> dict:
+    """ARM accuracy of every objective's ``split`` pairs at one-hot and uniform preferences, and of each data source
+    of an objective with several (``"harmlessness · pku-saferlhf"``); ``max_pairs`` takes a seeded sample per objective.
 
-    Returns ``{objective: [{"preference", "accuracy", "n", "mean_margin"}, ...]}``.
+    Returns ``{name: [{"preference", "accuracy", "n", "mean_margin"}, ...]}``.
     """
+    import random
+
     pools = load_default_pairs()
     preferences = card_preferences(len(model.objectives))
     splits = split_pools(pools, seed=split_seed)
+    results = {}
+    for objective in model.objectives:
+        pairs = list(splits.get(objective, {}).get(split, []))
+        if not pairs:
+            continue
+        if max_pairs is not None and len(pairs) > max_pairs:
+            pairs = random.Random(split_seed).sample(pairs, max_pairs)
+        sources = sorted({pair.source for pair in pairs})
+        groups = {source: [pair for pair in pairs if pair.source == source] for source in sources}
+        by_source = {source: arm_accuracy(model, group, preferences, progress=progress, **kwargs) for source, group in groups.items()}
+        results[objective] = [_pooled([found[slot] for found in by_source.values()]) for slot in range(len(preferences))]
+        if len(by_source) > 1:
+            results.update({f"{objective} · {source}": found for source, found in by_source.items()})
+    return results
+
+
+def _pooled(parts: list[dict]) -> dict:
+    n = sum(part["n"] for part in parts)
     return {
-        objective: arm_accuracy(model, splits[objective][split], preferences, progress=progress, **kwargs)
-        for objective in model.objectives
-        if objective in pools
+        "preference": parts[0]["preference"],
+        "accuracy": sum(part["accuracy"] * part["n"] for part in parts) / n,
+        "n": n,
+        "mean_margin": sum(part["mean_margin"] * part["n"] for part in parts) / n,
     }
 
 
@@ -159,21 +183,25 @@ learned from a few thousand pairs. Scores from this head are not a substitute fo
     return card
 
 
-def export_run(run_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, progress: bool = True) -> dict:
+def export_run(run_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, progress: bool = True, max_pairs: int | None = None) -> dict:
     """Copy a run's final model into ``checkpoint_dir`` with its log, config, test accuracy and model card."""
     run_dir, checkpoint_dir = Path(run_dir), Path(checkpoint_dir)
     model_dir = run_dir / "model"
     if not (model_dir / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"run {str(run_dir)!r} has no finished model in {str(model_dir)!r}")
     model = DualHeadModel.from_pretrained(model_dir)
-    results = held_out_accuracy(model, progress=progress)
+    config = json.loads((run_dir / "train_config.json").read_text())
+    results = held_out_accuracy(
+        model, progress=progress, max_pairs=max_pairs, max_length=config["max_length"], max_prompt_length=config["max_prompt_length"]
+    )
     staging = checkpoint_dir.with_name(f".{checkpoint_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         shutil.copy2(model_dir / name, staging / name)
-    for name in ("train_config.json", "training_log.jsonl", "summary.json"):
-        shutil.copy2(run_dir / name, staging / name)
+    for name in ("train_config.json", "training_log.jsonl", "summary.json", "teacher_labels.json"):
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, staging / name)
     (staging / "test_accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
     (staging / "README.md").write_text(write_model_card(run_dir, staging, results))
     if checkpoint_dir.exists():

@@ -171,6 +171,11 @@ def test_export_ships_weights_log_accuracy_and_card(backbone, tokenizer, small_d
     names = {p.name for p in shipped.iterdir()}
     assert {"dualhead_config.json", "dualhead_model.safetensors", "training_log.jsonl", "README.md", "test_accuracy.json"} <= names
     assert [r["preference"] for r in results["harmlessness"]] == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+    parts = [name for name in results if name.startswith("harmlessness · ")]
+    if parts:  # each source of a mixed objective gets its own row; the objective's row pools them
+        assert sum(results[name][0]["n"] for name in parts) == results["harmlessness"][0]["n"]
+        pooled = sum(results[name][2]["accuracy"] * results[name][2]["n"] for name in parts) / results["harmlessness"][2]["n"]
+        assert results["harmlessness"][2]["accuracy"] == pytest.approx(pooled)
     card = (shipped / "README.md").read_text()
     assert "Held-out accuracy" in card and f"{results['helpfulness'][0]['accuracy']:.3f}" in card
     reloaded = DualHeadModel.from_pretrained(shipped)

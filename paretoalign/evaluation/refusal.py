@@ -62,6 +62,7 @@ def is_refusal(text: str) -> bool:
     """Whether ``text`` declines the request (see the module docstring for the rules)."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a string, got {type(text).__name__}")
+    text = text.replace("\u2019", "'").replace("\u2018", "'")  # typographic apostrophes read as plain ones
     opening = text.strip()[:OPENING_CHARS]
     match = next((m for m in (pattern.search(opening) for pattern in REFUSAL_PATTERNS) if m), None)
     if match is None:
