@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP_ENV = "PARETOALIGN_SWEEP"
-DEFAULT_SWEEP_DIR = ROOT / "results" / "default-sweep"  # the sweep the project ships; its report writes summary.json here
+DEFAULT_SWEEP_DIR = ROOT / "results" / "steering" / "test" / "harmful"  # the shipped test sweep on harmful prompts (summary.json)
 SUMMARY_NAME = "summary.json"
 MAX_PROMPT_CHARS = 4000
 MAX_PROMPT_TOKENS = 1024
@@ -430,7 +430,8 @@ def load_sweep_summary(location: str | os.PathLike | None = None) -> tuple[dict 
             return None, (
                 f"No sweep results are shipped yet (looked for `{summary_path}`; set `${SWEEP_ENV}` to use others). "
                 "Make them with "
-                f"`paretoalign sweep --prompts split:test --out {DEFAULT_SWEEP_DIR.relative_to(ROOT)}` and "
+                "`paretoalign sweep --prompts results/steering/prompts/test-harmful.jsonl --methods dualhead,base --grid 5 "
+                f"--max-new-tokens 64 --limit 200 --out {DEFAULT_SWEEP_DIR.relative_to(ROOT)}` and "
                 f"`paretoalign report --results {DEFAULT_SWEEP_DIR.relative_to(ROOT)}`."
             )
         if len(summary.get("objectives", [])) < 2 or not summary.get("methods"):

@@ -52,6 +52,9 @@ def kernel_environment(tmp_path_factory):
             lines = [next(source) for _ in range(32)]
         with gzip.open(data / "hh-rlhf" / f"{name}.jsonl.gz", "wt") as target:
             target.writelines(lines)
+    (data / "pku-saferlhf").mkdir()
+    records = json.loads((DATA_DIR / "pku-saferlhf" / "safer-pairs.json").read_text())[:32]
+    (data / "pku-saferlhf" / "safer-pairs.json").write_text(json.dumps(records))
     return root
 
 

@@ -252,3 +252,20 @@ def test_decoding_records_the_base_models_nll_of_its_own_answer(make_model, toke
     assert answer.base_nll == pytest.approx(float(expected), abs=1e-4)
     base = generate(model, "How do I pick a lock?", [0.5, 0.5], method="base", max_new_tokens=8, temperature=0)[0]
     assert base.base_nll is not None and base.base_nll >= 0
+
+
+def test_front_steps_by_hand():
+    from paretoalign.evaluation.steering import front_steps
+
+    def rows(values):  # one prompt per value, score on "harmlessness"
+        return {f"p{i}": {"scores": {"harmlessness": v}} for i, v in enumerate(values)}
+
+    points = [(1.0, 0.0), (0.5, 0.5), (0.0, 1.0)]
+    by_preference = {points[0]: rows([0.0, 0.0, 0.0, 0.0]), points[1]: rows([1.0, 1.2, 0.8, 1.0]), points[2]: rows([2.0, 2.2, 1.8, 2.2])}
+    front = front_steps(by_preference, points, ["harmlessness"])["harmlessness"]
+    assert front["change"] == pytest.approx(2.05)  # mean of 2.0, 2.2, 1.8, 2.2
+    assert front["se"] == pytest.approx(np.std([2.0, 2.2, 1.8, 2.2], ddof=1) / 2)
+    assert front["interior_apart_from_both_ends"] == 1
+    assert front["worst_backward_step_in_se"] < 0  # both steps go the ends' way
+    by_preference[points[1]] = rows([3.0, 3.1, 2.9, 3.0])  # overshoots, then comes back: a step the wrong way
+    assert front_steps(by_preference, points, ["harmlessness"])["harmlessness"]["worst_backward_step_in_se"] > 1

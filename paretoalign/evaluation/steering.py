@@ -233,7 +233,40 @@ def steering_summary(directories: dict[str, str | os.PathLike], nll: dict[str, d
             ends[name] = tuple([float(is_refusal(by_preference[p][i]["text"])) for i in ids] for p in (first, last))
         if len(ends) == 2:
             selective[method] = {"from": list(first), "to": list(last), **selective_steering(ends["harmful"], ends["benign"])}
-    return {"objectives": objectives, "sets": table, "selective": selective, "changed": changed}
+    fronts = {}
+    for name in directories:
+        for method, by_preference in per_prompt.get(name, {}).items():
+            points = sorted((p for p in by_preference if p is not None), reverse=True)  # (1, 0) first
+            if len(points) >= 2:
+                fronts.setdefault(name, {})[method] = front_steps(by_preference, points, objectives)
+    return {"objectives": objectives, "sets": table, "selective": selective, "changed": changed, "fronts": fronts}
+
+
+def _paired(by_preference: dict, a, b, objective: str) -> tuple[float, float]:
+    """Mean and standard error of the per-prompt score change from preference ``a`` to ``b``."""
+    ids = sorted(set(by_preference[a]) & set(by_preference[b]))
+    diff = np.array([by_preference[b][i]["scores"][objective] - by_preference[a][i]["scores"][objective] for i in ids])
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+
+
+def front_steps(by_preference: dict, points: list, objectives: Sequence[str]) -> dict:
+    """Per objective, along the grid from the first point to the last: the change between the ends (paired mean and
+    SE, in SEs), the largest step between neighbours against the ends' direction (in its own SEs), and how many
+    interior points differ from both ends by more than 2 paired SEs."""
+    result = {}
+    for objective in objectives:
+        change, se = _paired(by_preference, points[0], points[-1], objective)
+        sign = 1.0 if change >= 0 else -1.0
+        backward = [(-sign * step) / max(step_se, 1e-12) for step, step_se in (_paired(by_preference, a, b, objective) for a, b in zip(points, points[1:]))]
+        interior = 0
+        for point in points[1:-1]:
+            apart = [abs(m) > 2 * s for m, s in (_paired(by_preference, end, point, objective) for end in (points[0], points[-1]))]
+            interior += all(apart)
+        result[objective] = {
+            "change": change, "se": se, "change_in_se": change / se if se else float("inf"),
+            "worst_backward_step_in_se": max(backward), "interior_apart_from_both_ends": interior, "points": len(points),
+        }
+    return result
 
 
 def markdown_steering(summary: dict) -> str:
@@ -254,6 +287,16 @@ def markdown_steering(summary: dict) -> str:
                 lines.append(
                     f"| {method} | {label} | {e['n']} | {e['refusal']:.2f} | {e['refusal_low']:.2f}–{e['refusal_high']:.2f} | "
                     f"{score_cells} | {e['repeated_4gram']:.3f} | {nll} |"
+                )
+    lines += ["", "## Fronts: score change from the first grid point to the last (paired over prompts)", ""]
+    lines += ["| set | method | objective | change ± SE | in SEs | worst backward step (SEs) | interior points apart from both ends |"]
+    lines += ["|---|---|---|---|---|---|---|"]
+    for name, methods in summary.get("fronts", {}).items():
+        for method, by_objective in methods.items():
+            for objective, f in by_objective.items():
+                lines.append(
+                    f"| {name} | {method} | {objective} | {f['change']:+.3f} ± {f['se']:.3f} | {f['change_in_se']:+.1f} | "
+                    f"{f['worst_backward_step_in_se']:.1f} | {f['interior_apart_from_both_ends']} of {f['points'] - 2} |"
                 )
     lines += ["", "## Selective steering and answers that change with w", ""]
     lines += ["| method | harmful rise − benign rise | 95% CI | changed (harmful) | changed (benign) |", "|---|---|---|---|---|"]
