@@ -87,6 +87,13 @@ class TrainConfig:
             "(paretoalign.teachers); []: human labels only"
         },
     )
+    train_sources: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": 'train an objective on some data sources only, e.g. {"harmlessness": ["pku-saferlhf"]}; the pairs of '
+            "the other sources are still drawn, cached and validated on, so runs that differ here share one feature cache"
+        },
+    )
     teacher_accuracy: float = field(
         default=0.75, metadata={"help": "keep teacher labels above the margin at which the teacher reaches this validation accuracy"}
     )
@@ -140,6 +147,10 @@ class TrainConfig:
         if self.reward_learning_rate is not None and not self.reward_learning_rate > 0:
             raise ValueError(f"reward_learning_rate must be > 0 or null, got {self.reward_learning_rate!r}")
         self.teacher_objectives = list(self.teacher_objectives)
+        if not isinstance(self.train_sources, dict) or any(
+            name not in self.objectives or not isinstance(sources, list) or not sources for name, sources in self.train_sources.items()
+        ):
+            raise ValueError(f"train_sources must map objectives {self.objectives} to non-empty lists of sources, got {self.train_sources!r}")
         unknown = [name for name in self.teacher_objectives if name not in self.objectives]
         if unknown:
             raise ValueError(f"teacher_objectives must be among objectives {self.objectives}, got {unknown}")
@@ -268,12 +279,18 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
     sequences: list[list[int]] = []
     indices: dict[str, dict[str, PairIndex]] = {"train": {}, "validation": {}}
     pool_splits = split_pools(pools, seed=config.split_seed)
+    kept: dict[str, np.ndarray] = {}  # train_sources: which drawn training pairs train (all of them are cached)
     for objective_index, objective in enumerate(config.objectives):
         splits = pool_splits[objective]
         limits = {"train": config.max_train_pairs, "validation": config.max_eval_pairs}
         for split, limit in limits.items():
             chosen_pairs = _subsample(splits[split], limit, config.seed + objective_index)
             indices[split][objective] = add_pair_sequences(collator, chosen_pairs, sequences)
+            allowed = config.train_sources.get(objective)
+            if split == "train" and allowed:
+                kept[objective] = np.array([pair.source in allowed for pair in chosen_pairs], dtype=bool)
+                if not kept[objective].any():
+                    raise ValueError(f"train_sources[{objective!r}] = {allowed} keeps none of its {len(chosen_pairs)} training pairs")
     root = Path(config.feature_cache) if config.feature_cache else cache_dir() / "features"
     cache = build_feature_cache(model, sequences, root, config.max_batch_tokens, progress)
     block_cache, block_layer = None, None
@@ -291,10 +308,13 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
         candidates = build_candidate_cache(
             lm_head, cache, prompt_lengths, config.candidate_tokens, config.tail_samples, config.seed, progress
         )
-    train_index, report, conflicts = indices["train"], None, None
+    train_index, report, conflicts = dict(indices["train"]), None, None
+    for objective, keep in kept.items():
+        index = train_index[objective]
+        train_index[objective] = PairIndex(index.chosen[keep], index.rejected[keep], index.prompt_length[keep])
     if config.teacher_objectives:
         train_index, report, conflicts = relabel_with_teachers(
-            cache, indices["train"], indices["validation"], config.teacher_objectives, config.teacher_accuracy
+            cache, train_index, indices["validation"], config.teacher_objectives, config.teacher_accuracy
         )
     return PreparedData(cache, train_index, indices["validation"], block_cache, block_layer, candidates, report, conflicts)
 

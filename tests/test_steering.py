@@ -269,3 +269,23 @@ def test_front_steps_by_hand():
     assert front["worst_backward_step_in_se"] < 0  # both steps go the ends' way
     by_preference[points[1]] = rows([3.0, 3.1, 2.9, 3.0])  # overshoots, then comes back: a step the wrong way
     assert front_steps(by_preference, points, ["harmlessness"])["harmlessness"]["worst_backward_step_in_se"] > 1
+
+
+def test_train_sources_keep_the_cache_and_train_on_one_source(backbone, tokenizer, small_data, tmp_path):
+    from paretoalign.model import DualHeadModel
+    from paretoalign.train import TrainConfig, prepare_data
+
+    settings = dict(
+        output_dir=str(tmp_path / "run"), backbone="tiny", data_dir=str(small_data), feature_cache=str(tmp_path / "features"),
+        max_train_pairs=30, max_eval_pairs=6, max_length=96, max_prompt_length=64, model={"gate_size": 16, "gate_heads": 2},
+    )
+    model = DualHeadModel(backbone, tokenizer, TrainConfig(**settings).model_config())
+    plain = prepare_data(TrainConfig(**settings), model, progress=False)
+    only = prepare_data(TrainConfig(**settings, train_sources={"harmlessness": ["pku-saferlhf"]}), model, progress=False)
+    assert only.cache.directory == plain.cache.directory  # the same sequences were cached
+    kept, every = only.train["harmlessness"], plain.train["harmlessness"]
+    assert 0 < len(kept.chosen) < len(every.chosen) and set(kept.chosen) < set(every.chosen)
+    assert np.array_equal(only.train["helpfulness"].chosen, plain.train["helpfulness"].chosen)
+    assert np.array_equal(only.validation["harmlessness"].chosen, plain.validation["harmlessness"].chosen)
+    with pytest.raises(ValueError, match="train_sources must map objectives"):
+        TrainConfig(**settings, train_sources={"honesty": ["x"]})
