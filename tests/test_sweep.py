@@ -155,7 +155,8 @@ def test_rows_follow_the_schema(make_model, prompts_file, tmp_path):
     assert [row["preference"] for row in base] == [None] * 3  # the preference is ignored: one run per prompt
     row = dualhead[0]
     assert set(row) == {"method", "preference", "prompt_id", "prompt_index", "prompt", "text", "scores", "tokens",
-                        "finish_reason", "seconds", "model_passes_per_token", "seed"}
+                        "finish_reason", "seconds", "model_passes_per_token", "base_nll", "seed"}
+    assert all(r["base_nll"] is None or r["base_nll"] >= 0 for r in rows) and any(r["base_nll"] is not None for r in rows)
     assert row["scores"] == {"helpfulness": len(row["text"]) / 10, "harmlessness": -sum(c in "aeiou" for c in row["text"]) / 10}
     assert all(r["model_passes_per_token"] == 1.0 for r in rows)  # one backbone pass per token for both methods
     # Every row of a prompt shares one seed, whatever its method or preference.
