@@ -101,6 +101,12 @@ def _reward_input(model_config: dict) -> str:
     )
 
 
+def _sample_note(max_pairs: int | None) -> str:
+    if max_pairs is None:
+        return ""
+    return f"Test pairs: a seeded sample of at most {max_pairs} per objective (`paretoalign export --max-pairs {max_pairs}`). "
+
+
 def _data_sources(config: dict, pools: dict) -> str:
     counts = ", ".join(f"{n} {name} pairs" for name, n in pools.items())
     if config.get("include_pku", False):
@@ -125,7 +131,7 @@ def _preference_step(config: dict) -> str:
     )
 
 
-def write_model_card(run_dir: Path, checkpoint_dir: Path, results: dict) -> str:
+def write_model_card(run_dir: Path, checkpoint_dir: Path, results: dict, max_pairs: int | None = None) -> str:
     config = json.loads((run_dir / "train_config.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     model_config = json.loads((checkpoint_dir / CONFIG_NAME).read_text())
@@ -144,7 +150,7 @@ reward at each preference w = (helpfulness, harmlessness); {_reward_definition(m
 
 {_accuracy_table(results)}
 
-Reproduce one cell: `paretoalign arm-accuracy --split test --objective harmlessness --preference 0,1 --checkpoint checkpoints/default --json`.
+{_sample_note(max_pairs)}Reproduce one cell on the whole split: `paretoalign arm-accuracy --split test --objective harmlessness --preference 0,1 --checkpoint checkpoints/default --json`.
 
 ## Data
 
@@ -169,7 +175,7 @@ r2={model_config['reward_adapter']['r2']}, alpha={model_config['reward_adapter']
 {model_config['gate_heads']} heads, PBLoRA r1={model_config['gate_adapter']['r1']}, r2={model_config['gate_adapter']['r2']}.
 {_reward_input(model_config)}
 
-Validation during training (200 pairs per objective unless stated in the config):
+Validation during training ({config['max_eval_pairs']} pairs per objective):
 
 {_validation_curve(run_dir / 'training_log.jsonl')}
 
@@ -177,8 +183,10 @@ The full log is `training_log.jsonl`; the exact configuration is `train_config.j
 
 ## Limits
 
-The backbone is a 135M-parameter model quantised to 4 bits. Preference data are HH-RLHF's test splits (the train splits were not available offline), so the reward head
-learned from a few thousand pairs. Scores from this head are not a substitute for a real reward model.
+The backbone is a 135M-parameter model quantised to 4 bits. The HH-RLHF data are its test files (its train files were
+not available offline), so the reward head learned from a few hundred pairs per objective. Its harmlessness is what
+its labels reward — on harmful prompts, shorter and flatter replies — not refusals (`docs/steering.md`). Scores from
+this head are not a substitute for a real reward model.
 """
     return card
 
@@ -203,7 +211,7 @@ def export_run(run_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, pr
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, staging / name)
     (staging / "test_accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
-    (staging / "README.md").write_text(write_model_card(run_dir, staging, results))
+    (staging / "README.md").write_text(write_model_card(run_dir, staging, results, max_pairs))
     if checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
     os.replace(staging, checkpoint_dir)
