@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP_ENV = "PARETOALIGN_SWEEP"
-DEFAULT_SWEEP_DIR = ROOT / "results" / "steering" / "test" / "harmful"  # the shipped test sweep on harmful prompts (summary.json)
+DEFAULT_SWEEP_DIR = ROOT / "results" / "steering" / "test-grid11" / "harmful"  # the shipped 11-point test sweep on harmful prompts
 SUMMARY_NAME = "summary.json"
 MAX_PROMPT_CHARS = 4000
 MAX_PROMPT_TOKENS = 1024
@@ -430,7 +430,7 @@ def load_sweep_summary(location: str | os.PathLike | None = None) -> tuple[dict 
             return None, (
                 f"No sweep results are shipped yet (looked for `{summary_path}`; set `${SWEEP_ENV}` to use others). "
                 "Make them with "
-                "`paretoalign sweep --prompts results/steering/prompts/test-harmful.jsonl --methods dualhead,base --grid 5 "
+                "`paretoalign sweep --prompts results/steering/prompts/test-harmful.jsonl --methods dualhead,base --grid 11 "
                 f"--max-new-tokens 64 --limit 200 --out {DEFAULT_SWEEP_DIR.relative_to(ROOT)}` and "
                 f"`paretoalign report --results {DEFAULT_SWEEP_DIR.relative_to(ROOT)}`."
             )
