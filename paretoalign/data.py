@@ -435,8 +435,9 @@ def split_pairs(
     bounds = [sum(fractions[: index + 1]) for index in range(len(fractions))]
     bounds[-1] = 1.0 + 1e-12  # float sums may fall short of 1
     keys = [prompt_key(pair.prompt) for pair in pairs]
-    distinct = sorted(set(keys))
-    groups = near_duplicate_groups([json_prompt(key) for key in distinct])
+    prompts = {key: pair.prompt for key, pair in zip(keys, pairs)}
+    distinct = sorted(prompts)
+    groups = near_duplicate_groups([prompts[key] for key in distinct])
     representative: dict[int, str] = {}
     for key, group in zip(distinct, groups):
         representative.setdefault(group, key)  # distinct is sorted: the first member seen is the smallest key
@@ -473,10 +474,6 @@ class _Tagged:
     def prompt(self) -> list[dict]:
         return self.pair.prompt
 
-
-def json_prompt(key: str) -> list[dict]:
-    """The messages of a :func:`prompt_key`."""
-    return [{"role": role, "content": content} for role, content in json.loads(key)]
 
 
 # ---------------------------------------------------------------------------------------------- collating

@@ -79,7 +79,7 @@ def calibrate_threshold(margins: np.ndarray, target_accuracy: float, min_kept: f
 
 def relabel_with_teachers(
     cache: FeatureCache, train: dict, validation: dict, teacher_objectives, target_accuracy: float = 0.75, l2: float = 0.1
-) -> tuple[dict, dict]:
+) -> tuple[dict, dict, dict]:
     """Give the other objectives' training pairs a label for each teacher objective.
 
     Args:
@@ -106,10 +106,11 @@ def relabel_with_teachers(
     if unknown:
         raise ValueError(f"teacher_objectives {unknown} are not training objectives {sorted(train)}")
     features = {name: pooled(index) for name, index in train.items()}
+    val_features = {name: pooled(index) for name, index in validation.items()}
     extended, report, teachers = dict(train), {}, {}
     for teacher_name in teacher_objectives:
         teacher = fit_teacher(*features[teacher_name], l2=l2)
-        val_margins = teacher.margin(*pooled(validation[teacher_name]))
+        val_margins = teacher.margin(*val_features[teacher_name])
         teacher.threshold = calibrate_threshold(val_margins, target_accuracy)
         confident = np.abs(val_margins) >= teacher.threshold
         entry = {
@@ -126,16 +127,14 @@ def relabel_with_teachers(
             margins = teacher.margin(*features[other])
             keep = np.abs(margins) >= teacher.threshold
             agree = margins[keep] > 0
-            chosen = np.where(agree, index.chosen[keep], index.rejected[keep])
-            rejected = np.where(agree, index.rejected[keep], index.chosen[keep])
-            parts.append(PairIndex(chosen, rejected, index.prompt_length[keep]))
+            parts.append(index.select(keep, swap=~(margins > 0)))  # oriented to the teacher's label
             entry["labels"][other] = {
                 "pairs": int(len(margins)),
                 "kept": int(keep.sum()),
                 "disagree_with_human_label": float((~agree).mean()) if keep.any() else None,
                 "disagree_all_pairs": float((margins < 0).mean()),
             }
-        extended[teacher_name] = PairIndex(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("chosen", "rejected", "prompt_length")))
+        extended[teacher_name] = PairIndex.concat(parts)
         report[teacher_name] = entry
         teachers[teacher_name] = teacher
     conflicts = {}
@@ -143,8 +142,8 @@ def relabel_with_teachers(
         for other, index in validation.items():
             if other == teacher_name:
                 continue
-            margins = teacher.margin(*pooled(index))
+            margins = teacher.margin(*val_features[other])
             keep = (np.abs(margins) >= teacher.threshold) & (margins < 0)  # confident, and against the human label
-            conflicts[(other, teacher_name)] = PairIndex(index.chosen[keep], index.rejected[keep], index.prompt_length[keep])
+            conflicts[(other, teacher_name)] = index.select(keep)
             report[teacher_name]["labels"][other]["validation_conflicts"] = int(keep.sum())
     return extended, report, conflicts

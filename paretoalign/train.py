@@ -228,6 +228,17 @@ class PairIndex:
     rejected: np.ndarray  # (P,) sequence index of the rejected reply
     prompt_length: np.ndarray  # (P,) tokens of prompt before the reply
 
+    def select(self, keep: np.ndarray, swap: np.ndarray | None = None) -> "PairIndex":
+        """The pairs where ``keep`` ``(P,)`` is true, with chosen and rejected exchanged where ``swap`` (``(P,)``) is."""
+        chosen, rejected = self.chosen, self.rejected
+        if swap is not None:
+            chosen, rejected = np.where(swap, rejected, chosen), np.where(swap, chosen, rejected)
+        return PairIndex(chosen[keep], rejected[keep], self.prompt_length[keep])
+
+    @staticmethod
+    def concat(parts: list["PairIndex"]) -> "PairIndex":
+        return PairIndex(*(np.concatenate([getattr(part, name) for part in parts]) for name in ("chosen", "rejected", "prompt_length")))
+
 
 @dataclass
 class PreparedData:
@@ -310,8 +321,7 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
         )
     train_index, report, conflicts = dict(indices["train"]), None, None
     for objective, keep in kept.items():
-        index = train_index[objective]
-        train_index[objective] = PairIndex(index.chosen[keep], index.rejected[keep], index.prompt_length[keep])
+        train_index[objective] = train_index[objective].select(keep)
     if config.teacher_objectives:
         train_index, report, conflicts = relabel_with_teachers(
             cache, train_index, indices["validation"], config.teacher_objectives, config.teacher_accuracy
@@ -444,36 +454,35 @@ def evaluate(
     model.eval()
     results = {}
     for objective, index in data.validation.items():
-        correct = [0] * len(preferences)
-        for start in range(0, len(index.chosen), batch_pairs):
-            ids = np.arange(start, min(start + batch_pairs, len(index.chosen)))
-            batch = data.collate(index, ids, candidates=not exact).to(model.device)
-            for slot, preference in enumerate(preferences):
-                rows = torch.tensor(preference, device=model.device).expand(batch.input_ids.shape[0], -1)
-                chosen, rejected = score_pairs(model, batch, rows, fused=False, exact=exact).chosen_and_rejected()
-                correct[slot] += int((chosen > rejected).sum())
-        for slot, preference in enumerate(preferences):
+        margins = _reward_margins(model, data, index, preferences, batch_pairs, exact)
+        for preference, margin in zip(preferences, margins):
             label = ",".join(f"{w:g}" for w in preference)
-            results[f"val/{objective}/accuracy@{label}"] = correct[slot] / max(len(index.chosen), 1)
+            results[f"val/{objective}/accuracy@{label}"] = int((margin > 0).sum()) / max(len(index.chosen), 1)
     # Conflict pairs: does each one-hot side with its own objective's label where the two objectives disagree?
     for (objective, teacher), index in (data.conflicts or {}).items():
         if not len(index.chosen):
             continue
         own, other = (tuple(float(name == target) for name in config.objectives) for target in (objective, teacher))
-        agree = {own: 0, other: 0}
-        for start in range(0, len(index.chosen), batch_pairs):
-            ids = np.arange(start, min(start + batch_pairs, len(index.chosen)))
-            batch = data.collate(index, ids, candidates=not exact).to(model.device)
-            for preference in (own, other):
-                rows = torch.tensor(preference, device=model.device).expand(batch.input_ids.shape[0], -1)
-                chosen, rejected = score_pairs(model, batch, rows, fused=False, exact=exact).chosen_and_rejected()
-                agree[preference] += int((chosen > rejected).sum()) if preference == own else int((chosen < rejected).sum())
-        for preference, target in ((own, objective), (other, teacher)):
+        at_own, at_other = _reward_margins(model, data, index, [own, other], batch_pairs, exact)
+        for preference, target, agree in ((own, objective, at_own > 0), (other, teacher, at_other < 0)):
             label = ",".join(f"{w:g}" for w in preference)
-            results[f"val/conflict/{objective}-vs-{teacher}/agrees-with-{target}@{label}"] = agree[preference] / len(index.chosen)
+            results[f"val/conflict/{objective}-vs-{teacher}/agrees-with-{target}@{label}"] = int(agree.sum()) / len(index.chosen)
         results[f"val/conflict/{objective}-vs-{teacher}/pairs"] = len(index.chosen)
     model.train()
     return results
+
+
+def _reward_margins(model: DualHeadModel, data: PreparedData, index: PairIndex, preferences, batch_pairs: int, exact: bool) -> list[np.ndarray]:
+    """Per preference, ``(P,)`` the reward head's R(chosen) - R(rejected) for the pairs of ``index``."""
+    found = [[] for _ in preferences]
+    for start in range(0, len(index.chosen), batch_pairs):
+        ids = np.arange(start, min(start + batch_pairs, len(index.chosen)))
+        batch = data.collate(index, ids, candidates=not exact).to(model.device)
+        for slot, preference in enumerate(preferences):
+            rows = torch.tensor(preference, device=model.device).expand(batch.input_ids.shape[0], -1)
+            chosen, rejected = score_pairs(model, batch, rows, fused=False, exact=exact).chosen_and_rejected()
+            found[slot].append((chosen - rejected).float().cpu().numpy())
+    return [np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32) for parts in found]
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -17,7 +17,6 @@ was revised on both and measured on a third, fresh set):
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 OPENING_CHARS = 200
 
@@ -70,6 +69,3 @@ def is_refusal(text: str) -> bool:
     rest = text.strip()[match.end() :]
     return not any(pattern.search(rest) for pattern in COMPLIANCE_PATTERNS)
 
-
-def refusal_flags(texts: Sequence[str]) -> list[bool]:
-    return [is_refusal(text) for text in texts]

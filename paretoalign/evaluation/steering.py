@@ -25,7 +25,7 @@ import torch
 
 from ..files import atomic_write
 from .refusal import is_refusal
-from .sweep import RESULTS_NAME, append_rows, prompt_id, read_results
+from .sweep import RESULTS_NAME, append_rows, prompt_id, read_results, row_key
 
 NLL_NAME = "base_nll.jsonl"
 SETS = ("harmful", "benign")
@@ -113,23 +113,15 @@ def add_base_nll(directory: str | os.PathLike, model, batch_size: int = 8) -> di
     directory = Path(directory)
     rows = read_results(directory / RESULTS_NAME)
     path = directory / NLL_NAME
-    done = {(_key(r)): r["nll"] for r in read_results(path, repair=True)} if path.is_file() else {}
-    todo = [row for row in rows if _key(row) not in done and row.get("base_nll") is None]  # decoders record most
+    done = {row_key(r): r["nll"] for r in read_results(path, repair=True)} if path.is_file() else {}
+    todo = [row for row in rows if row_key(row) not in done and row.get("base_nll") is None]  # decoders record most
     for start in range(0, len(todo), 64):
         chunk = todo[start : start + 64]
         values = base_nll(model, [r["prompt"] for r in chunk], [r["text"] for r in chunk], batch_size)
-        records = [{"key": list(_key(r)), "nll": value} for r, value in zip(chunk, values)]
+        records = [{"method": r["method"], "preference": r["preference"], "prompt_id": r["prompt_id"], "nll": v} for r, v in zip(chunk, values)]
         append_rows(path, records)
-        done.update({_key(r): value for r, value in zip(chunk, values)})
+        done.update({row_key(r): value for r, value in zip(chunk, values)})
     return done
-
-
-def _key(row: dict) -> tuple:
-    if "key" in row:
-        method, preference, prompt = row["key"]
-        return method, None if preference is None else tuple(preference), prompt
-    preference = row.get("preference")
-    return row["method"], None if preference is None else tuple(float(w) for w in preference), row["prompt_id"]
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -184,7 +176,7 @@ def steering_summary(directories: dict[str, str | os.PathLike], nll: dict[str, d
                 seen[method] += 1
         for folder, rows in loaded:
             objectives = json.loads((folder / "sweep.json").read_text())["objectives"]
-            rows = list({_key(row): row for row in rows}.values())  # one row per (method, preference, prompt)
+            rows = list({row_key(row): row for row in rows}.values())  # one row per (method, preference, prompt)
             for row in rows:
                 method = row["method"] if seen[row["method"]] == 1 else f"{row['method']} ({folder.parent.name})"
                 row = {**row, "_folder": str(folder)}
@@ -195,7 +187,7 @@ def steering_summary(directories: dict[str, str | os.PathLike], nll: dict[str, d
             low, high = bootstrap_interval(refusals)
             nlls = [
                 v
-                for v in (r.get("base_nll") if r.get("base_nll") is not None else (nll or {}).get(name, {}).get((r["_folder"], *_key(r))) for r in rows)
+                for v in (r.get("base_nll") if r.get("base_nll") is not None else (nll or {}).get(name, {}).get((r["_folder"], *row_key(r))) for r in rows)
                 if v is not None
             ]
             scores = {o: np.array([r["scores"][o] for r in rows]) for o in objectives}
