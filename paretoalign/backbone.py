@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -156,3 +158,15 @@ def weights_fingerprint(model: PreTrainedModel) -> str:
     embedding = model.get_input_embeddings().weight
     sample = embedding[: min(64, embedding.shape[0])].detach().to("cpu", torch.bfloat16).contiguous()
     return hashlib.sha256(sample.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
+
+
+@functools.cache
+def _cache_parameter(function) -> str:
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
+def cache_kwargs(function, cache) -> dict:
+    """``{name: cache}`` under the name ``function`` takes: transformers 5 renamed ``past_key_values`` to ``cache``
+    (the old name warns), and earlier 5.x releases know only the old one. ``function`` is a plain function or a
+    module class's ``forward``."""
+    return {_cache_parameter(function): cache}

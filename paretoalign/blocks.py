@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .backbone import cache_kwargs
 from .pblora import PBLoRALinear
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -67,8 +68,8 @@ def run_blocks(
         config=stack.config,
         inputs_embeds=hidden,
         attention_mask=attention_mask,
-        past_key_values=past_key_values,
         position_ids=positions,
+        **cache_kwargs(create_causal_mask, past_key_values),
     )
     rotary = stack.rotary_emb(hidden, position_ids=positions)  # (cos, sin), each (B, T, head_dim)
     for block in blocks:
@@ -77,8 +78,8 @@ def run_blocks(
             attention_mask=mask,
             position_embeddings=rotary,
             position_ids=positions,
-            past_key_values=past_key_values,
             use_cache=past_key_values is not None,
+            **cache_kwargs(type(block).forward, past_key_values),
         )
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # (B, T, d); older transformers return a tuple
     return hidden

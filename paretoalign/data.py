@@ -538,9 +538,10 @@ class PreferenceCollator:
                 return ids
         return ids[-self.max_prompt_length :]
 
-    def response_ids(self, response: str, budget: int) -> list[int]:
-        """The reply's token ids plus eos, cut at the end to ``budget`` tokens."""
-        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+    def response_ids(self, response: str, budget: int, eos: bool = True) -> list[int]:
+        """The reply's token ids plus eos (unless ``eos`` is false: a reply cut off by a length limit), cut at
+        the end to ``budget`` tokens."""
+        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"] + ([self.tokenizer.eos_token_id] if eos else [])
         return ids[:budget]
 
     def encode_pair(self, pair: PreferencePair) -> tuple[list[int], list[int], int]:

@@ -4,6 +4,10 @@ Sequences are stored packed (no padding): ``tokens.npy`` (N,) int32, ``hidden.np
 ``offsets.npy`` (S + 1,) int64, all plain ``.npy`` files opened as memory maps (never unpickled). A build
 writes batch after batch and records its progress atomically, so an interrupted build resumes where it
 stopped; the cache directory is named by a hash of the backbone, the tokenizer and the token sequences.
+
+A cache is content-addressed per sequence too: a new build copies the states of every sequence that a complete
+cache under the same root already holds (same backbone, tokenizer and layer) and runs the backbone on the others
+only, so adding replies to a training set costs the new replies, not the whole set again.
 """
 
 from __future__ import annotations
@@ -26,21 +30,34 @@ from .model import DualHeadModel, backbone_forward
 FORMAT_VERSION = 1
 
 
-def sequences_key(model: DualHeadModel, sequences: Sequence[Sequence[int]], extra: dict | None = None) -> str:
-    """A hash naming the cache: backbone weights, tokenizer, and every token of every sequence."""
-    digest = hashlib.sha256()
-    header = {
+def cache_header(model: DualHeadModel, extra: dict | None = None) -> dict:
+    """What the states depend on besides the tokens: backbone weights, tokenizer, width (and ``extra``: the layer)."""
+    return {
         "format": FORMAT_VERSION,
         "backbone": model.config.weights_fingerprint,
         "tokenizer": model.config.tokenizer_fingerprint,
         "hidden_size": model.config.hidden_size,
         **(extra or {}),
     }
+
+
+def sequences_key(model: DualHeadModel, sequences: Sequence[Sequence[int]], extra: dict | None = None) -> str:
+    """A hash naming the cache: backbone weights, tokenizer, and every token of every sequence."""
+    return _key(cache_header(model, extra), sequences)
+
+
+def _key(header: dict, sequences: Sequence[Sequence[int]]) -> str:
+    digest = hashlib.sha256()
     digest.update(json.dumps(header, sort_keys=True).encode())
     for sequence in sequences:
         digest.update(np.asarray(sequence, dtype=np.int32).tobytes())
         digest.update(b"|")
     return digest.hexdigest()[:20]
+
+
+def sequence_digests(sequences: Sequence[Sequence[int]]) -> list[bytes]:
+    """A 16-byte content hash of each token sequence."""
+    return [hashlib.blake2b(np.asarray(s, dtype=np.int32).tobytes(), digest_size=16).digest() for s in sequences]
 
 
 def block_input(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
@@ -87,9 +104,11 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def _batches(lengths: np.ndarray, max_tokens: int) -> list[list[int]]:
-    """Group sequence indices of similar length into batches of at most ``max_tokens`` padded tokens."""
-    order = np.argsort(lengths, kind="stable")
+def _batches(lengths: np.ndarray, max_tokens: int, rows: np.ndarray | None = None) -> list[list[int]]:
+    """Group sequence indices (``rows``, default all) of similar length into batches of at most ``max_tokens``
+    padded tokens."""
+    rows = np.arange(len(lengths)) if rows is None else np.asarray(rows)
+    order = rows[np.argsort(lengths[rows], kind="stable")]
     batches, current = [], []
     for index in order:
         if current and (len(current) + 1) * lengths[index] > max_tokens:
@@ -99,6 +118,30 @@ def _batches(lengths: np.ndarray, max_tokens: int) -> list[list[int]]:
     if current:
         batches.append(current)
     return batches
+
+
+def _copy_from_donors(root: Path, directory: Path, header: dict, digests: list[bytes], offsets: np.ndarray, hidden_store) -> np.ndarray:
+    """Copy into ``hidden_store`` the states of every sequence a complete cache under ``root`` with the same
+    ``header`` holds; returns ``(S,)`` bool, true where a sequence still needs the backbone."""
+    pending = np.ones(len(digests), dtype=bool)
+    where = {digest: i for i, digest in enumerate(digests)}
+    for donor_dir in sorted(root.iterdir()) if root.is_dir() else []:
+        meta = _read_json(donor_dir / "meta.json") if donor_dir != directory and donor_dir.is_dir() else None
+        if not meta or not meta.get("complete") or meta.get("header", header) != header:
+            continue
+        donor = FeatureCache.open(donor_dir)
+        donor_tokens = [donor.tokens[donor.offsets[i] : donor.offsets[i + 1]] for i in range(len(donor))]
+        if "header" not in meta and _key(header, donor_tokens) != donor_dir.name:
+            continue  # a cache written before headers were recorded: its name proves what it was built from
+        for donor_index, digest in enumerate(sequence_digests(donor_tokens)):
+            row = where.get(digest)
+            if row is None or not pending[row]:
+                continue
+            hidden_store[offsets[row] : offsets[row + 1]] = donor.hidden[donor.offsets[donor_index] : donor.offsets[donor_index + 1]]
+            pending[row] = False
+        if not pending.any():
+            break
+    return pending
 
 
 @torch.no_grad()
@@ -121,7 +164,9 @@ def build_feature_cache(
     blocks = model.backbone.config.num_hidden_layers
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < blocks):
         raise ValueError(f"layer must be an integer in [0, {blocks}) for a {blocks}-block backbone, got {layer!r}")
-    directory = Path(root) / sequences_key(model, sequences, None if layer is None else {"layer": layer})
+    extra = None if layer is None else {"layer": layer}
+    header = cache_header(model, extra)
+    directory = Path(root) / sequences_key(model, sequences, extra)
     meta_path = directory / "meta.json"
     meta = _read_json(meta_path)
     if meta and meta.get("complete"):
@@ -136,11 +181,18 @@ def build_feature_cache(
         tokens = np.lib.format.open_memmap(directory / "tokens.npy", mode="w+", dtype=np.int32, shape=(total,))
         tokens[:] = np.concatenate([np.asarray(s, dtype=np.int32) for s in sequences])
         tokens.flush()
-        np.lib.format.open_memmap(directory / "hidden.npy", mode="w+", dtype=np.float16, shape=(total, width)).flush()
-        meta = {"complete": False, "done_batches": 0, "sequences": len(sequences), "tokens": total, "hidden_size": width}
+        hidden_store = np.lib.format.open_memmap(directory / "hidden.npy", mode="w+", dtype=np.float16, shape=(total, width))
+        pending = _copy_from_donors(Path(root), directory, header, sequence_digests(sequences), offsets, hidden_store)
+        hidden_store.flush()
+        np.save(directory / "pending.npy", np.flatnonzero(pending))
+        meta = {
+            "complete": False, "done_batches": 0, "sequences": len(sequences), "tokens": total, "hidden_size": width,
+            "header": header, "reused_sequences": int((~pending).sum()),
+        }
         _write_json(meta_path, meta)
     hidden_store = np.lib.format.open_memmap(directory / "hidden.npy", mode="r+")
-    batches = _batches(lengths, max_batch_tokens)
+    pending_path = directory / "pending.npy"
+    batches = _batches(lengths, max_batch_tokens, np.load(pending_path, allow_pickle=False) if pending_path.is_file() else None)
     pad_id = model.tokenizer.pad_token_id or 0
     model.eval()
     bar = tqdm(total=len(batches), initial=meta["done_batches"], desc="caching backbone features", disable=not progress)

@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
+from .backbone import cache_kwargs
 from .heads import GateCache
 from .model import DualHeadModel, check_guidance_top_k, position_ids_from_mask, restrict_to_base_top_k
 
@@ -52,8 +53,8 @@ class BaseDecoder:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask)[:, -input_ids.shape[1] :],
-            past_key_values=self.cache,
             use_cache=True,
+            **cache_kwargs(type(self.backbone).forward, self.cache),
             logits_to_keep=1,
         )
         logits = out.logits[:, -1].float()  # (B, V)

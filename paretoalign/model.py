@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .blocks import position_ids_from_mask
-from .backbone import DEFAULT_BACKBONE, load_backbone, tokenizer_fingerprint, weights_fingerprint
+from .backbone import DEFAULT_BACKBONE, cache_kwargs, load_backbone, tokenizer_fingerprint, weights_fingerprint
 from .files import atomic_write
 from .heads import REWARD_HEAD_KINDS, ContextGate, GateCache, RewardBranch, RewardHead
 from .pblora import PBLoRAConfig
@@ -177,9 +177,9 @@ def backbone_forward(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=positions,
-        past_key_values=past_key_values,
         use_cache=past_key_values is not None,
         output_hidden_states=output_hidden_states,
+        **cache_kwargs(type(backbone.base_model).forward, past_key_values),
     )
 
 

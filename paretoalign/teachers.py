@@ -77,57 +77,139 @@ def calibrate_threshold(margins: np.ndarray, target_accuracy: float, min_kept: f
     return float(np.abs(margins[order[k - 1]]))
 
 
-def relabel_with_teachers(
-    cache: FeatureCache, train: dict, validation: dict, teacher_objectives, target_accuracy: float = 0.75, l2: float = 0.1
-) -> tuple[dict, dict, dict]:
-    """Give the other objectives' training pairs a label for each teacher objective.
+@dataclass
+class OnPolicyGroup:
+    """The ``k`` sampled replies of one prompt: their sequences in the feature cache."""
 
-    Args:
-        train, validation: ``{objective: PairIndex}`` (human labels).
-        teacher_objectives: the objectives whose teacher labels the other objectives' training pairs.
+    rows: np.ndarray  # (k,) sequence indices
+    prompt_length: int
+    source: str | None  # the prompt's data source (e.g. "harmless-base"), which says whether it is a red-team prompt
+    texts: list[str]  # the replies, to skip pairs of identical replies
+    prompt_id: str = ""
+    folder: str = ""
 
-    Returns:
-        ``train`` with each teacher objective's index extended by the relabelled pairs (chosen and rejected swapped
-        where the teacher prefers the other reply), and a report: per teacher its validation accuracy, threshold,
-        and per labelled objective the share of pairs kept and how often the teacher disagrees with the pair's own
-        human label (the conflict rate: an upper bound on any trade-off learnable from the data); and the validation
-        conflict pairs ``{(objective, teacher objective): PairIndex}``, oriented to the human label of ``objective``,
-        that the teacher confidently labels the other way.
-    """
-    from .train import PairIndex  # the index type lives with the trainer
 
-    def pooled(index):
-        return (
-            pooled_replies(cache, index.chosen, index.prompt_length),
-            pooled_replies(cache, index.rejected, index.prompt_length),
-        )
-
-    unknown = [name for name in teacher_objectives if name not in train]
-    if unknown:
-        raise ValueError(f"teacher_objectives {unknown} are not training objectives {sorted(train)}")
-    features = {name: pooled(index) for name, index in train.items()}
-    val_features = {name: pooled(index) for name, index in validation.items()}
-    extended, report, teachers = dict(train), {}, {}
-    for teacher_name in teacher_objectives:
-        teacher = fit_teacher(*features[teacher_name], l2=l2)
-        val_margins = teacher.margin(*val_features[teacher_name])
+def fit_teachers(cache: FeatureCache, train: dict, validation: dict, names, target_accuracy: float, l2: float = 0.1) -> tuple[dict, dict]:
+    """One teacher per objective in ``names``, fit on its human-labelled training pairs, its label threshold
+    calibrated on its validation pairs. Returns ``({name: Teacher}, {name: report entry})``."""
+    teachers, report = {}, {}
+    for name in names:
+        index, val = train[name], validation[name]
+        teacher = fit_teacher(_pooled(cache, index.chosen, index.prompt_length), _pooled(cache, index.rejected, index.prompt_length), l2=l2)
+        val_margins = teacher.margin(_pooled(cache, val.chosen, val.prompt_length), _pooled(cache, val.rejected, val.prompt_length))
         teacher.threshold = calibrate_threshold(val_margins, target_accuracy)
         confident = np.abs(val_margins) >= teacher.threshold
-        entry = {
+        teachers[name] = teacher
+        report[name] = {
             "validation_accuracy": float((val_margins > 0).mean()),
             "validation_accuracy_kept": float((val_margins[confident] > 0).mean()),
             "validation_kept": float(confident.mean()),
             "threshold": teacher.threshold,
             "labels": {},
         }
+    return teachers, report
+
+
+def _pooled(cache: FeatureCache, rows: np.ndarray, prompt_lengths: np.ndarray) -> np.ndarray:
+    return pooled_replies(cache, rows, prompt_lengths)
+
+
+def label_onpolicy(cache: FeatureCache, teachers: dict, groups: list[OnPolicyGroup], sources: dict | None = None) -> tuple[dict, dict, dict]:
+    """Every pair of distinct replies of a prompt, labelled by each objective's teacher where it is confident.
+
+    Args:
+        teachers: ``{objective: Teacher}`` with calibrated thresholds (:func:`fit_teachers`).
+        sources: ``{objective: [prompt sources]}``: that objective's teacher labels the pairs of these prompts only
+            (a harmlessness teacher trained on red-team dialogues prefers a refusal even to a harmless question, so
+            its labels carry harm only where the prompt can be harmful); an objective not named labels all prompts.
+
+    Returns:
+        ``{objective: PairIndex}`` of the pairs oriented to that teacher's label; the replies' teacher rewards
+        ``{objective: (R,) array}`` (for the data file); and a report per prompt source: pairs, kept per objective,
+        and among pairs both teachers label, the share they label opposite ways (the conflicts a trade-off needs).
+    """
+    from .train import PairIndex
+
+    sources = sources or {}
+    rows = np.concatenate([group.rows for group in groups]) if groups else np.zeros(0, dtype=np.int64)
+    lengths = np.concatenate([np.full(len(group.rows), group.prompt_length) for group in groups]) if groups else rows
+    pooled = pooled_replies(cache, rows, lengths)  # (R, d)
+    rewards = {name: (pooled / teacher.scale) @ teacher.weight for name, teacher in teachers.items()}  # (R,) each
+    first, second, prompt_length, source = [], [], [], []
+    start = 0
+    for group in groups:
+        for i in range(len(group.rows)):
+            for j in range(i + 1, len(group.rows)):
+                if group.texts[i].strip() != group.texts[j].strip():
+                    first.append(start + i)
+                    second.append(start + j)
+                    prompt_length.append(group.prompt_length)
+                    source.append(group.source)
+        start += len(group.rows)
+    first, second, prompt_length = np.array(first, dtype=np.int64), np.array(second, dtype=np.int64), np.array(prompt_length)
+    source = np.array(source, dtype=object)
+    labelled, labels = {}, {}
+    for name, teacher in teachers.items():
+        margin = rewards[name][first] - rewards[name][second] if len(first) else np.zeros(0)
+        allowed = np.isin(source, sources[name]) if name in sources else np.ones(len(first), dtype=bool)
+        keep = allowed & (np.abs(margin) >= teacher.threshold)
+        labels[name] = np.where(keep, np.sign(margin), 0)  # +1: the first reply wins, -1: the second, 0: no label
+        swap = margin < 0
+        labelled[name] = PairIndex(
+            rows[np.where(swap, second, first)][keep], rows[np.where(swap, first, second)][keep], prompt_length[keep]
+        )
+    report = {}
+    names = list(teachers)
+    for value in sorted({str(s) for s in source}):
+        mine = source.astype(str) == value
+        entry = {"prompts": int(sum(str(g.source) == value for g in groups)), "pairs": int(mine.sum())}
+        for name in names:
+            entry[f"kept_{name}"] = int((labels[name][mine] != 0).sum())
+        if len(names) == 2:
+            both = mine & (labels[names[0]] != 0) & (labels[names[1]] != 0)
+            entry["both_labelled"] = int(both.sum())
+            entry["disagree"] = float((labels[names[0]][both] != labels[names[1]][both]).mean()) if both.any() else None
+        report[value] = entry
+    return labelled, {name: rewards[name] for name in names}, report
+
+
+def relabel_with_teachers(cache: FeatureCache, train: dict, validation: dict, teachers: dict, report: dict, relabel=None) -> tuple[dict, dict]:
+    """Give the other objectives' training pairs a label for each teacher in ``relabel`` (default: all).
+
+    Args:
+        train, validation: ``{objective: PairIndex}`` (human labels).
+        teachers, report: from :func:`fit_teachers`; ``report`` gains, per teacher and labelled objective, the
+            pairs kept and how often the teacher disagrees with the pair's own human label (the conflict rate: an
+            upper bound on any trade-off learnable from the data).
+
+    Returns:
+        ``train`` with each relabelling teacher's index extended by the relabelled pairs (chosen and rejected
+        swapped where the teacher prefers the other reply), and the validation conflict pairs ``{(objective,
+        teacher objective): PairIndex}`` of every teacher, oriented to the human label of ``objective``, that the
+        teacher confidently labels the other way.
+    """
+    from .train import PairIndex  # the index type lives with the trainer
+
+    def pooled(index):
+        return _pooled(cache, index.chosen, index.prompt_length), _pooled(cache, index.rejected, index.prompt_length)
+
+    relabel = list(teachers) if relabel is None else list(relabel)
+    unknown = [name for name in relabel if name not in teachers]
+    if unknown:
+        raise ValueError(f"teacher_objectives {unknown} have no teacher; teachers: {sorted(teachers)}")
+    features = {name: pooled(index) for name, index in train.items()}
+    val_features = {name: pooled(index) for name, index in validation.items()}
+    extended = dict(train)
+    for teacher_name in relabel:
+        teacher, entry = teachers[teacher_name], report[teacher_name]
         parts = [extended[teacher_name]]
-        for other, index in train.items():
+        for other in train:
             if other == teacher_name:
                 continue
             margins = teacher.margin(*features[other])
             keep = np.abs(margins) >= teacher.threshold
             agree = margins[keep] > 0
-            parts.append(index.select(keep, swap=~(margins > 0)))  # oriented to the teacher's label
+            parts.append(train[other].select(keep, swap=~(margins > 0)))  # oriented to the teacher's label
             entry["labels"][other] = {
                 "pairs": int(len(margins)),
                 "kept": int(keep.sum()),
@@ -135,8 +217,6 @@ def relabel_with_teachers(
                 "disagree_all_pairs": float((margins < 0).mean()),
             }
         extended[teacher_name] = PairIndex.concat(parts)
-        report[teacher_name] = entry
-        teachers[teacher_name] = teacher
     conflicts = {}
     for teacher_name, teacher in teachers.items():
         for other, index in validation.items():
@@ -145,5 +225,5 @@ def relabel_with_teachers(
             margins = teacher.margin(*val_features[other])
             keep = (np.abs(margins) >= teacher.threshold) & (margins < 0)  # confident, and against the human label
             conflicts[(other, teacher_name)] = index.select(keep)
-            report[teacher_name]["labels"][other]["validation_conflicts"] = int(keep.sum())
-    return extended, report, conflicts
+            report[teacher_name]["labels"].setdefault(other, {})["validation_conflicts"] = int(keep.sum())
+    return extended, conflicts

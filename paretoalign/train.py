@@ -34,7 +34,7 @@ from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss
 from .model import DualHeadConfig, DualHeadModel
 from .objective import PairBatch, join_pair_batches, score_pairs
 from .preference import DEFAULT_OBJECTIVES
-from .teachers import relabel_with_teachers
+from .teachers import OnPolicyGroup, fit_teachers, label_onpolicy, relabel_with_teachers
 
 logger = logging.getLogger(__name__)
 PREFERENCE_SAMPLINGS = ("step", "objective")
@@ -94,6 +94,21 @@ class TrainConfig:
             "the other sources are still drawn, cached and validated on, so runs that differ here share one feature cache"
         },
     )
+    onpolicy: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "folders of the backbone's own sampled replies (paretoalign sample-replies); every pair of two replies "
+            "to a prompt gets a label from each objective's teacher where it is confident, and trains that objective"
+        },
+    )
+    onpolicy_sources: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": 'restrict an objective\'s on-policy labels to prompts of some sources, e.g. {"harmlessness": '
+            '["harmless-base", "pku-saferlhf"]} (a harmlessness teacher prefers a refusal even to a harmless question); '
+            "an objective not named labels every prompt"
+        },
+    )
     teacher_accuracy: float = field(
         default=0.75, metadata={"help": "keep teacher labels above the margin at which the teacher reaches this validation accuracy"}
     )
@@ -151,6 +166,11 @@ class TrainConfig:
             name not in self.objectives or not isinstance(sources, list) or not sources for name, sources in self.train_sources.items()
         ):
             raise ValueError(f"train_sources must map objectives {self.objectives} to non-empty lists of sources, got {self.train_sources!r}")
+        self.onpolicy = [str(path) for path in self.onpolicy]
+        if not isinstance(self.onpolicy_sources, dict) or any(
+            name not in self.objectives or not isinstance(sources, list) for name, sources in self.onpolicy_sources.items()
+        ):
+            raise ValueError(f"onpolicy_sources must map objectives {self.objectives} to lists of sources, got {self.onpolicy_sources!r}")
         unknown = [name for name in self.teacher_objectives if name not in self.objectives]
         if unknown:
             raise ValueError(f"teacher_objectives must be among objectives {self.objectives}, got {unknown}")
@@ -250,6 +270,7 @@ class PreparedData:
     candidates: CandidateCache | None = None  # candidate tokens of every response position (``candidate_tokens``)
     teacher_report: dict | None = None  # what the teachers labelled (``teacher_objectives``)
     conflicts: dict | None = None  # {(objective, teacher objective): validation pairs the two label opposite ways}
+    onpolicy_scores: list[dict] | None = None  # each sampled prompt's teacher reward per reply and objective
 
     def collate(self, index: PairIndex, pair_ids: np.ndarray, candidates: bool = True) -> PairBatch:
         """The pairs ``pair_ids`` of ``index`` as a :class:`PairBatch`, with the block states and (``candidates``)
@@ -280,6 +301,30 @@ def add_pair_sequences(collator: PreferenceCollator, pairs: list[PreferencePair]
     return PairIndex(np.array(chosen), np.array(rejected), np.array(prompt_lengths))
 
 
+def add_onpolicy_sequences(collator: PreferenceCollator, folders: list[str], sequences: list[list[int]]) -> list[OnPolicyGroup]:
+    """Tokenize the sampled replies of ``folders`` (prompt + reply, no eos after a reply cut off by the length
+    limit), append them to ``sequences``, and say where each prompt's replies went."""
+    from .onpolicy import read_replies
+
+    groups = []
+    for folder in folders:
+        lines = read_replies(folder)
+        if not lines:
+            raise ValueError(f"onpolicy folder {folder!r} holds no sampled replies (paretoalign sample-replies writes them)")
+        for line in lines:
+            prompt = line["prompt"] if isinstance(line["prompt"], list) else [{"role": "user", "content": line["prompt"]}]
+            prompt_ids = collator.prompt_ids(prompt)
+            budget = collator.max_length - len(prompt_ids)
+            rows = []
+            for reply, finish in zip(line["replies"], line["finish"]):
+                rows.append(len(sequences))
+                sequences.append(prompt_ids + (collator.response_ids(reply, budget, eos=finish == "eos") or [collator.tokenizer.eos_token_id]))
+            groups.append(
+                OnPolicyGroup(np.array(rows), len(prompt_ids), line.get("source"), list(line["replies"]), line["prompt_id"], str(folder))
+            )
+    return groups
+
+
 def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = True) -> PreparedData:
     """Split the pairs by prompt, tokenize train and validation pairs, and cache their backbone features."""
     pools = load_default_pairs(include_pku=config.include_pku, data_dir=config.data_dir)
@@ -302,6 +347,7 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
                 kept[objective] = np.array([pair.source in allowed for pair in chosen_pairs], dtype=bool)
                 if not kept[objective].any():
                     raise ValueError(f"train_sources[{objective!r}] = {allowed} keeps none of its {len(chosen_pairs)} training pairs")
+    groups = add_onpolicy_sequences(collator, config.onpolicy, sequences)
     root = Path(config.feature_cache) if config.feature_cache else cache_dir() / "features"
     cache = build_feature_cache(model, sequences, root, config.max_batch_tokens, progress)
     block_cache, block_layer = None, None
@@ -315,18 +361,29 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
     candidates = None
     if config.candidate_tokens is not None:
         prompt_lengths = sequence_prompt_lengths([i for split in indices.values() for i in split.values()], len(sequences))
+        for group in groups:
+            prompt_lengths[group.rows] = group.prompt_length
         lm_head = model.backbone.get_output_embeddings()
         candidates = build_candidate_cache(
             lm_head, cache, prompt_lengths, config.candidate_tokens, config.tail_samples, config.seed, progress
         )
-    train_index, report, conflicts = dict(indices["train"]), None, None
+    train_index, report, conflicts, onpolicy_scores = dict(indices["train"]), None, None, None
     for objective, keep in kept.items():
         train_index[objective] = train_index[objective].select(keep)
-    if config.teacher_objectives:
-        train_index, report, conflicts = relabel_with_teachers(
-            cache, train_index, indices["validation"], config.teacher_objectives, config.teacher_accuracy
-        )
-    return PreparedData(cache, train_index, indices["validation"], block_cache, block_layer, candidates, report, conflicts)
+    if config.teacher_objectives or groups:
+        names = config.objectives if groups else config.teacher_objectives
+        teachers, report = fit_teachers(cache, train_index, indices["validation"], names, config.teacher_accuracy)
+        train_index, conflicts = relabel_with_teachers(cache, train_index, indices["validation"], teachers, report, config.teacher_objectives)
+        if groups:
+            labelled, rewards, report["onpolicy"] = label_onpolicy(cache, teachers, groups, config.onpolicy_sources)
+            train_index = {name: PairIndex.concat([index, labelled[name]]) for name, index in train_index.items()}
+            onpolicy_scores, start = [], 0
+            for group in groups:
+                span = slice(start, start + len(group.rows))
+                start += len(group.rows)
+                scores = {name: [round(float(r), 4) for r in values[span]] for name, values in rewards.items()}
+                onpolicy_scores.append({"folder": group.folder, "prompt_id": group.prompt_id, "source": group.source, "teacher_rewards": scores})
+    return PreparedData(cache, train_index, indices["validation"], block_cache, block_layer, candidates, report, conflicts, onpolicy_scores)
 
 
 def collate_pairs(
@@ -584,6 +641,9 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
     if data.teacher_report is not None and accelerator.is_main_process:
         report_text = json.dumps(data.teacher_report, indent=2) + "\n"
         atomic_write(output / "teacher_labels.json", lambda tmp: Path(tmp).write_text(report_text))
+    if data.onpolicy_scores and accelerator.is_main_process:
+        scores_text = "".join(json.dumps(line) + "\n" for line in data.onpolicy_scores)
+        atomic_write(output / "onpolicy_scores.jsonl", lambda tmp: Path(tmp).write_text(scores_text))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config), lr=config.learning_rate, betas=config.adam_betas, weight_decay=config.weight_decay

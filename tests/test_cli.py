@@ -104,3 +104,17 @@ def test_arm_accuracy_names_the_bad_line(capsys, tiny_checkpoint, tmp_path):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "broken.jsonl" in error and "line 3" in error
+
+
+def test_sample_replies_command(capsys, tiny_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about bread {i}", "source": "helpful-base"}) + "\n" for i in range(3)))
+    argv = ["sample-replies", "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--k", "2", "--max-new-tokens", "4",
+            "--backbone", tiny_dir, "--no-progress"]
+    assert main(argv) == 0
+    assert "3 prompts sampled, 0 already done, 3 in all" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "0 prompts sampled, 3 already done" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*argv[:-1], "--k", "1"])
+    assert "k must be at least 2 (pairs need two replies of a prompt), got 1" in capsys.readouterr().err

@@ -157,3 +157,16 @@ def test_reward_branch_decodes_with_its_cache_like_a_full_forward(make_model, to
         out = model(full_ids, preference=preference)
         start = prompt_ids.shape[1] - 1
         assert out.logits[0, start : start + len(result.token_ids)].argmax(-1).tolist() == result.token_ids
+
+
+@pytest.mark.parametrize("method", ["dualhead", "base"])
+def test_decoding_warns_nothing_on_todays_transformers(make_model, method):
+    """Our calls use the cache argument transformers supports now: no FutureWarning or DeprecationWarning."""
+    import warnings
+
+    model = make_model(reward_layers=1) if method == "dualhead" else make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        answers = generate(model, ["Hi", "How do I bake bread?"], [0.5, 0.5], method=method, max_new_tokens=4, temperature=0)
+    assert len(answers) == 2

@@ -1,0 +1,147 @@
+"""On-policy replies: the frozen backbone samples ``k`` replies to each training prompt, for teachers to label.
+
+Human preference pairs compare replies the backbone would rarely write. Pairs of its *own* replies, labelled by a
+teacher per objective (:mod:`paretoalign.teachers`), teach the reward head on the token distribution it steers at
+decoding time: where the backbone sometimes declines a harmful request and sometimes complies, a pair of the two
+shows the head which first tokens each objective prefers.
+
+A sampling run writes a folder: ``replies.json`` (the settings and provenance: backbone, fingerprints, sampling,
+prompt file) and ``replies.jsonl``, one line per prompt ``{"prompt_id", "prompt", "source", "replies", "finish",
+"seeds"}``. Lines are appended batch after batch and fsynced, so an interrupted run resumes where it stopped; a run
+with other settings refuses to append to the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .evaluation.sweep import append_rows, load_prompts, read_results, row_seed, settings_changes
+from .files import atomic_write
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_NAME = "replies.json"
+REPLIES_NAME = "replies.jsonl"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SampleConfig:
+    """What to sample: ``k`` replies of the base model to every prompt of ``prompts``."""
+
+    prompts: str
+    out: str
+    k: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    limit: int | None = None
+    batch_size: int = 32
+    backbone: str | None = None  # default: the offline SmolLM2
+
+    def __post_init__(self):
+        for name in ("k", "max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.k < 2:
+            raise ValueError(f"k must be at least 2 (pairs need two replies of a prompt), got {self.k!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (replies of one prompt must differ), got {self.temperature!r}")
+
+
+def prompt_sources(path: str | os.PathLike) -> dict[str, str]:
+    """``{prompt_id: source}`` for the records of a ``.jsonl`` prompts file that name their ``source``."""
+    from .data import read_json_values
+    from .evaluation.sweep import prompt_id
+
+    path = Path(path)
+    if not path.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        return {}
+    return {
+        prompt_id(value["prompt"]): str(value["source"])
+        for _, value in read_json_values(path)
+        if isinstance(value, dict) and "prompt" in value and "source" in value
+    }
+
+
+def read_replies(directory: str | os.PathLike) -> list[dict]:
+    """The complete prompt lines of a sampling folder (a cut-off last line is dropped)."""
+    return read_results(Path(directory) / REPLIES_NAME)
+
+
+def _settings(config: SampleConfig, model) -> dict:
+    settings = {key: value for key, value in asdict(config).items() if key not in ("out", "batch_size", "limit", "backbone")}
+    settings.update(
+        format=FORMAT_VERSION,
+        backbone=model.config.backbone,
+        weights_fingerprint=model.config.weights_fingerprint,
+        tokenizer_fingerprint=model.config.tokenizer_fingerprint,
+        method="base",
+    )
+    return settings
+
+
+def sample_replies(config: SampleConfig, model=None, progress: bool = True) -> dict:
+    """Sample (or finish sampling) ``config.k`` base-model replies to each prompt; returns counts and the folder."""
+    from .backbone import DEFAULT_BACKBONE, load_backbone
+    from .generation import generate
+    from .model import DualHeadConfig, DualHeadModel
+
+    prompts = load_prompts(config.prompts, config.limit)
+    sources = prompt_sources(config.prompts)
+    if model is None:
+        name = config.backbone or DEFAULT_BACKBONE
+        backbone, tokenizer = load_backbone(name)
+        model = DualHeadModel(backbone, tokenizer, DualHeadConfig(backbone=name)).eval()  # untrained heads: the base model
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = _settings(config, model)
+    settings_path = out / SETTINGS_NAME
+    if settings_path.is_file():
+        changes = settings_changes(json.loads(settings_path.read_text(encoding="utf-8")), settings)
+        if changes:
+            raise ValueError(f"{settings_path} was written with other settings; use a new out folder. Changed: {'; '.join(changes)}")
+    else:
+        text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
+        atomic_write(settings_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    done = {row["prompt_id"] for row in read_results(out / REPLIES_NAME, repair=True)}
+    todo = [prompt for prompt in prompts if prompt.id not in done]
+    per_batch = max(1, config.batch_size // config.k)
+    # Prompts of similar length share a batch, so little of a batch is padding.
+    todo.sort(key=lambda prompt: len(json.dumps(prompt.prompt, ensure_ascii=False)))
+    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="sampling replies", disable=not progress)
+    for start in range(0, len(todo), per_batch):
+        batch = todo[start : start + per_batch]
+        rows = [prompt.prompt for prompt in batch for _ in range(config.k)]
+        seeds = [row_seed(config.seed, f"{prompt.id}:{index}") for prompt in batch for index in range(config.k)]
+        with torch.no_grad():
+            answers = generate(
+                model, rows, [1.0 / model.config.num_objectives] * model.config.num_objectives, method="base", max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature, top_p=config.top_p, seed=seeds,
+            )
+        lines = []
+        for i, prompt in enumerate(batch):
+            mine = answers[i * config.k : (i + 1) * config.k]
+            lines.append(
+                {
+                    "prompt_id": prompt.id,
+                    "prompt": prompt.prompt,
+                    "source": sources.get(prompt.id),
+                    "replies": [answer.text for answer in mine],
+                    "finish": [answer.finish_reason for answer in mine],
+                    "seeds": seeds[i * config.k : (i + 1) * config.k],
+                }
+            )
+        append_rows(out / REPLIES_NAME, lines)
+        bar.update(len(batch))
+    bar.close()
+    return {"directory": str(out), "written": len(todo), "skipped": len(prompts) - len(todo), "total": len(prompts)}

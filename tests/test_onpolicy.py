@@ -1,0 +1,141 @@
+"""On-policy replies: sampling resumes and refuses other settings, teachers label pairs of a prompt's replies, the
+feature cache reuses every sequence it already holds."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from paretoalign import features as features_module
+from paretoalign import onpolicy as onpolicy_module
+from paretoalign.features import FeatureCache, build_feature_cache
+from paretoalign.onpolicy import SampleConfig, read_replies, sample_replies
+from paretoalign.teachers import OnPolicyGroup, Teacher, label_onpolicy
+
+
+def write_prompts(path: Path, count: int) -> Path:
+    lines = [{"prompt": [{"role": "user", "content": f"Question {i}: how do I bake bread?"}], "source": "harmless-base" if i % 2 else "helpful-base"} for i in range(count)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_sampling_writes_k_replies_per_prompt_and_resumes(make_model, tmp_path, monkeypatch):
+    model = make_model(randomize=False)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 5)
+    config = SampleConfig(prompts=str(prompts), out=str(tmp_path / "replies"), k=3, max_new_tokens=6, batch_size=6)  # 2 prompts a batch
+    real_append, calls = onpolicy_module.append_rows, []
+
+    def interrupted(path, rows):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_append(path, rows)
+
+    monkeypatch.setattr(onpolicy_module, "append_rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sample_replies(config, model, progress=False)
+    monkeypatch.setattr(onpolicy_module, "append_rows", real_append)
+    assert len(read_replies(config.out)) == 2
+    result = sample_replies(config, model, progress=False)
+    assert (result["written"], result["skipped"], result["total"]) == (3, 2, 5)
+    lines = read_replies(config.out)
+    assert len({line["prompt_id"] for line in lines}) == 5
+    assert all(len(line["replies"]) == len(line["finish"]) == len(set(line["seeds"])) == 3 for line in lines)
+    assert {line["source"] for line in lines} == {"harmless-base", "helpful-base"}
+    settings = json.loads((Path(config.out) / "replies.json").read_text())
+    assert settings["weights_fingerprint"] == model.config.weights_fingerprint and settings["k"] == 3
+    with pytest.raises(ValueError, match="temperature"):
+        sample_replies(SampleConfig(**{**config.__dict__, "temperature": 0.5}), model, progress=False)
+    with pytest.raises(ValueError, match="k must be at least 2"):
+        SampleConfig(prompts=str(prompts), out=str(tmp_path / "x"), k=1)
+
+
+def in_memory_cache(states: list[np.ndarray]) -> FeatureCache:
+    """A cache of one-token prompts (state 0) and replies whose states are ``states[i]`` ``(L, d)``."""
+    hidden = [np.concatenate([np.zeros((1, s.shape[1])), s]) for s in states]
+    lengths = [len(h) for h in hidden]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return FeatureCache(Path("."), np.zeros(offsets[-1], dtype=np.int32), np.concatenate(hidden).astype(np.float16), offsets)
+
+
+def test_onpolicy_pairs_are_labelled_by_each_teacher_where_it_is_confident():
+    # Two features: the first is what helpfulness rewards, the second what harmlessness rewards.
+    replies = [[3.0, 0.0], [0.0, 3.0], [1.0, 1.0], [1.0, 1.0], [2.0, 0.0], [0.0, 0.0]]
+    cache = in_memory_cache([np.array([r]) for r in replies])
+    groups = [
+        OnPolicyGroup(np.array([0, 1, 2]), 1, "harmless-base", ["comply", "refuse", "hedge"]),
+        OnPolicyGroup(np.array([3, 4, 5]), 1, "helpful-base", ["same", "answer", "same "]),
+    ]
+    teachers = {
+        "helpfulness": Teacher(np.array([1.0, 0.0], dtype=np.float32), np.ones(2, dtype=np.float32), threshold=1.5),
+        "harmlessness": Teacher(np.array([0.0, 1.0], dtype=np.float32), np.ones(2, dtype=np.float32), threshold=1.5),
+    }
+    labelled, rewards, report = label_onpolicy(cache, teachers, groups, {"harmlessness": ["harmless-base"]})
+    assert np.allclose(rewards["helpfulness"], [3, 0, 1, 1, 2, 0])
+    # helpfulness: (0 > 1) margin 3, (0 > 2) margin 2; (1, 2) margin 1 is below the threshold; the second prompt's
+    # first and third replies are the same text and make no pair; (4 > 3) margin 1 is too small, (4 > 5) margin 2.
+    assert sorted(zip(labelled["helpfulness"].chosen, labelled["helpfulness"].rejected)) == [(0, 1), (0, 2), (4, 5)]
+    # harmlessness labels red-team prompts only: (1 > 0) margin 3, (1 > 2) margin 2.
+    assert sorted(zip(labelled["harmlessness"].chosen, labelled["harmlessness"].rejected)) == [(1, 0), (1, 2)]
+    assert report["harmless-base"] == {
+        "prompts": 1, "pairs": 3, "kept_helpfulness": 2, "kept_harmlessness": 2, "both_labelled": 1, "disagree": 1.0
+    }
+    assert report["helpful-base"]["pairs"] == 2 and report["helpful-base"]["kept_harmlessness"] == 0
+
+
+def test_feature_cache_copies_the_sequences_it_already_holds(make_model, tmp_path, monkeypatch):
+    model = make_model(randomize=False)
+    rng = np.random.default_rng(0)
+    old = [rng.integers(3, 200, size=n).tolist() for n in (5, 9, 12, 7)]
+    new = [rng.integers(3, 200, size=n).tolist() for n in (6, 11)]
+    first = build_feature_cache(model, old, tmp_path, progress=False)
+    computed = []
+    real_batches = features_module._batches
+    monkeypatch.setattr(features_module, "_batches", lambda *a: computed.extend(real_batches(*a)) or real_batches(*a))
+    both = build_feature_cache(model, [new[0], *old, new[1]], tmp_path, progress=False)
+    assert sorted(i for batch in computed for i in batch) == [0, 5]  # only the two new sequences ran the backbone
+    assert json.loads((both.directory / "meta.json").read_text())["reused_sequences"] == 4
+    for i, sequence in enumerate(old):
+        np.testing.assert_array_equal(both.sequence(i + 1)[1], first.sequence(i)[1])
+        np.testing.assert_array_equal(both.sequence(i + 1)[0], sequence)
+    alone = build_feature_cache(model, new, tmp_path / "alone", progress=False)
+    np.testing.assert_allclose(np.asarray(both.sequence(5)[1], np.float32), np.asarray(alone.sequence(1)[1], np.float32), atol=2e-3)
+    # A donor built by another backbone (a different header) gives nothing.
+    for meta_path in tmp_path.glob("*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        meta_path.write_text(json.dumps({**meta, "header": {**meta["header"], "backbone": "other"}}))
+    monkeypatch.setattr(features_module, "_batches", real_batches)
+    again = build_feature_cache(model, [*old, [5, 6, 7]], tmp_path, progress=False)
+    assert json.loads((again.directory / "meta.json").read_text())["reused_sequences"] == 0
+
+
+def test_onpolicy_pairs_join_training_and_reuse_the_cache(backbone, tokenizer, make_model, small_data, tmp_path):
+    from paretoalign.model import DualHeadModel
+    from paretoalign.train import TrainConfig, prepare_data
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 6)
+    folder = tmp_path / "replies"
+    sample_replies(SampleConfig(prompts=str(prompts), out=str(folder), k=3, max_new_tokens=8), make_model(randomize=False), progress=False)
+    settings = dict(
+        output_dir=str(tmp_path / "run"), backbone="tiny", data_dir=str(small_data), feature_cache=str(tmp_path / "features"),
+        max_train_pairs=16, max_eval_pairs=6, max_length=96, max_prompt_length=64, model={"gate_size": 16, "gate_heads": 2},
+        teacher_accuracy=0.5, candidate_tokens=8,
+    )
+    model = DualHeadModel(backbone, tokenizer, TrainConfig(**settings).model_config())
+    plain = prepare_data(TrainConfig(**settings), model, progress=False)
+    config = TrainConfig(**settings, onpolicy=[str(folder)], onpolicy_sources={"harmlessness": ["harmless-base"]})
+    data = prepare_data(config, model, progress=False)
+    meta = json.loads((data.cache.directory / "meta.json").read_text())
+    assert meta["reused_sequences"] == len(plain.cache) and len(data.cache) == len(plain.cache) + 6 * 3
+    report = data.teacher_report["onpolicy"]
+    assert set(report) == {"harmless-base", "helpful-base"} and report["helpful-base"]["kept_harmlessness"] == 0
+    for name in config.objectives:
+        added = len(data.train[name].chosen) - len(plain.train[name].chosen)
+        assert added == sum(entry[f"kept_{name}"] for entry in report.values())
+        assert np.all(data.train[name].chosen[len(plain.train[name].chosen) :] >= len(plain.cache))  # the sampled replies
+    assert len(data.candidates.offsets) == len(data.cache) + 1
+    with pytest.raises(ValueError, match="onpolicy_sources must map objectives"):
+        TrainConfig(**settings, onpolicy_sources={"honesty": []})
+    with pytest.raises(ValueError, match="holds no sampled replies"):
+        prepare_data(TrainConfig(**settings, onpolicy=[str(tmp_path / "empty")]), model, progress=False)
