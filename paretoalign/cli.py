@@ -15,7 +15,7 @@ from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference
 def _add_generate(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="answer a prompt steered by a preference over objectives")
     parser.add_argument("--prompt", required=True, help="the user message")
-    parser.add_argument("--preference", required=True, help="weights over the objectives, e.g. 0.2,0.8 (sum to 1)")
+    parser.add_argument("--preference", required=True, help="weights over the objectives, e.g. 0.2,0.8 (sum to 1); a value starting with '-' needs the = form, --preference=-1,2")
     parser.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES), help="objective names the weights refer to, in order")
     parser.add_argument("--checkpoint", default=None, help="Dual-Head checkpoint directory (default: the shipped one)")
     parser.add_argument("--backbone", default=None, help="backbone id or path, when not loading it from a checkpoint")
@@ -38,9 +38,10 @@ def _add_generate(subparsers) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .generation import generate, stream_generate
+    from .generation import check_prompt, generate, stream_generate
     from .model import load_model
 
+    check_prompt(args.prompt, "--prompt")  # before the model loads
     objectives = parse_objectives(args.objectives)
     weights = parse_preference(args.preference, objectives)
     model = load_model(args.checkpoint, args.backbone, args.device, trust_remote_code=args.trust_remote_code)

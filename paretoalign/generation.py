@@ -152,19 +152,33 @@ def _is_conversation(prompt) -> bool:
     return isinstance(prompt, Sequence) and not isinstance(prompt, str) and all(isinstance(m, dict) for m in prompt) and len(prompt) > 0
 
 
+def check_prompt(prompt, where: str = "prompt") -> Prompt:
+    """A prompt as the decoders take it: non-empty text, or a non-empty list of ``{"role", "content"}`` messages
+    with text content (copied down to those two keys). Raises ``ValueError`` naming ``where`` otherwise."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"{where}: the prompt is empty")
+        return prompt
+    messages_ok = (
+        isinstance(prompt, Sequence)
+        and len(prompt) > 0
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt)
+    )
+    if not messages_ok:
+        raise ValueError(f"{where}: a prompt must be a string or a list of {{'role', 'content'}} messages, got {str(prompt)[:120]!r}")
+    if not any(m["content"].strip() for m in prompt):
+        raise ValueError(f"{where}: every message of the prompt is empty")
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
 def normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """A single prompt (text or one conversation) or a list of them -> a list of prompts."""
+    """A single prompt (text or one conversation) or a list of them -> a list of checked prompts (:func:`check_prompt`)."""
     if isinstance(prompts, str) or _is_conversation(prompts):
         prompts = [prompts]
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts must not be empty")
-    for prompt in prompts:
-        if isinstance(prompt, str):
-            continue
-        if not _is_conversation(prompt) or any(not {"role", "content"} <= set(m) for m in prompt):
-            raise ValueError(f"each prompt must be a string or a list of {{'role', 'content'}} messages, got {prompt!r}")
-    return prompts
+    return [check_prompt(prompt, f"prompt {number}" if len(prompts) > 1 else "prompt") for number, prompt in enumerate(prompts, start=1)]
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool = True, system_prompt: str | None = None) -> str:

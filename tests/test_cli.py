@@ -68,6 +68,8 @@ def test_missing_checkpoint_from_the_environment(capsys, tiny_dir, tmp_path, mon
         (["--preference", "a,b"], "comma-separated numbers"),
         (["--preference", "1"], "1 weights but there are 2 objectives"),
         (["--preference", "0.5,0.5", "--objectives", "helpfulness,honesty"], "do not match the model's objectives"),
+        (["--preference=-1,2"], "preference [-1.0, 2.0] must be non-negative"),
+        (["--preference", "0.5,0.5", "--prompt", "  "], "--prompt: the prompt is empty"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(capsys, tiny_checkpoint, argv, message):

@@ -138,8 +138,12 @@ def test_bad_prompts_and_preferences(make_model):
     model = make_model()
     with pytest.raises(ValueError, match="prompts must not be empty"):
         generate(model, [], [0.5, 0.5])
-    with pytest.raises(ValueError, match="each prompt must be a string"):
+    with pytest.raises(ValueError, match="a prompt must be a string or a list of"):
         generate(model, [123], [0.5, 0.5])
+    with pytest.raises(ValueError, match="prompt 2: the prompt is empty"):
+        generate(model, ["Hi", " \n"], [0.5, 0.5])
+    with pytest.raises(ValueError, match="every message of the prompt is empty"):
+        generate(model, [[{"role": "user", "content": ""}]], [0.5, 0.5])
     with pytest.raises(ValueError, match="2 rows but the batch has 3"):
         generate(model, PROMPTS, [[1.0, 0.0], [0.0, 1.0]])
     with pytest.raises(ValueError, match="must be non-negative"):

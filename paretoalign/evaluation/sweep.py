@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from ..files import atomic_write
+from ..generation import check_prompt
 from ..methods import build_decoder, get_method, parse_methods, trainable_parameters
 from ..preference import simplex_grid
 
@@ -75,21 +76,6 @@ def prompt_id(prompt: str | list[dict]) -> str:
     return hashlib.sha256(json.dumps(prompt, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
-def _check_prompt(prompt, where: str) -> str | list[dict]:
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ValueError(f"{where}: the prompt is empty")
-        return prompt
-    messages_ok = (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt)
-    )
-    if not messages_ok:
-        raise ValueError(f"{where}: a prompt must be a string or a list of {{'role', 'content'}} messages, got {str(prompt)[:120]!r}")
-    return [{"role": m["role"], "content": m["content"]} for m in prompt]
-
-
 def _prompts_from_records(records: list[dict], path: Path) -> list[str | list[dict]]:
     from ..data import parse_hh_pair
 
@@ -99,7 +85,7 @@ def _prompts_from_records(records: list[dict], path: Path) -> list[str | list[di
         if not isinstance(record, (dict, str)):
             raise ValueError(f"{where}: expected a JSON object or string, got {type(record).__name__}")
         if isinstance(record, str):  # a JSON list of prompt strings
-            prompts.append(_check_prompt(record, where))
+            prompts.append(check_prompt(record, where))
         elif "chosen" in record and "rejected" in record:  # HH-RLHF: the dialogue before the last assistant turn
             pair = parse_hh_pair(record, objective="prompt", source=path.name)
             if pair is None:
@@ -107,7 +93,7 @@ def _prompts_from_records(records: list[dict], path: Path) -> list[str | list[di
                 continue
             prompts.append(pair.prompt)
         elif "prompt" in record:  # {"prompt": ...}, PKU-SafeRLHF too
-            prompts.append(_check_prompt(record["prompt"], where))
+            prompts.append(check_prompt(record["prompt"], where))
         else:
             raise ValueError(f"{where}: expected a 'prompt' key or HH-RLHF 'chosen'/'rejected' transcripts, got keys {sorted(record)}")
     if skipped:
