@@ -407,6 +407,15 @@ def sweep_location() -> Path:
     return Path(override).expanduser() if override else DEFAULT_SWEEP_DIR
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as a user should see it: relative to the project when inside it (no path of the host machine)."""
+    path = Path(path).expanduser()
+    try:
+        return str(path.resolve().relative_to(ROOT.resolve()))
+    except ValueError:
+        return str(path) if not path.is_absolute() else path.name
+
+
 def load_sweep_summary(location: str | os.PathLike | None = None) -> tuple[dict | None, str]:
     """``(summary, note)``: the sweep summary (``summary.json``, as ``paretoalign report`` writes it), or ``None`` and why.
 
@@ -424,22 +433,22 @@ def load_sweep_summary(location: str | os.PathLike | None = None) -> tuple[dict 
 
             settings, rows, method_runs = load_sweep(path)
             if not rows:
-                return None, f"The sweep in `{path}` has no results yet."
+                return None, f"The sweep in `{shown_path(path)}` has no results yet."
             summary, source = summarize(settings, rows, method_runs), path
         else:
             return None, (
-                f"No sweep results are shipped yet (looked for `{summary_path}`; set `${SWEEP_ENV}` to use others). "
+                f"No sweep results are shipped yet (looked for `{shown_path(summary_path)}`; set `${SWEEP_ENV}` to use others). "
                 "Make them with "
                 "`paretoalign sweep --prompts results/steering/prompts/test-harmful.jsonl --methods dualhead,base --grid 11 "
                 f"--max-new-tokens 64 --limit 200 --out {DEFAULT_SWEEP_DIR.relative_to(ROOT)}` and "
                 f"`paretoalign report --results {DEFAULT_SWEEP_DIR.relative_to(ROOT)}`."
             )
         if len(summary.get("objectives", [])) < 2 or not summary.get("methods"):
-            return None, f"The sweep results in `{source}` have fewer than two objectives or no methods: nothing to plot."
+            return None, f"The sweep results in `{shown_path(source)}` have fewer than two objectives or no methods: nothing to plot."
     except (OSError, ValueError, KeyError, TypeError) as error:
-        return None, f"The sweep results in `{path}` cannot be read ({type(error).__name__}: {error})."
+        return None, f"The sweep results in `{shown_path(path)}` cannot be read ({type(error).__name__}: {error})."
     scorer_spec = (summary.get("settings", {}).get("scorer") or {}).get("spec")
-    note = f"Mean reward per preference over {summary.get('n_prompts', '?')} prompts, from `{source}`"
+    note = f"Mean reward per preference over {summary.get('n_prompts', '?')} prompts, from `{shown_path(source)}`"
     note += f" (scorer `{scorer_spec}`)." if scorer_spec else "."
     return summary, note
 

@@ -216,6 +216,13 @@ def test_sweep_summary_from_the_environment_a_directory_or_nowhere(tmp_path, mon
     assert summary is None and "cannot be read" in note
 
 
+def test_sweep_note_names_no_path_of_the_host(monkeypatch):
+    monkeypatch.delenv(ui.SWEEP_ENV, raising=False)
+    summary, note = ui.load_sweep_summary()
+    assert summary is not None and str(ui.ROOT) not in note
+    assert f"`{ui.DEFAULT_SWEEP_DIR.relative_to(ui.ROOT)}`" in note
+
+
 @pytest.mark.parametrize(
     "alpha, band", [(0.0, "α 0–0.2"), (0.19, "α 0–0.2"), (0.5, "α 0.4–0.6"), (0.8, "α 0.8–1"), (1.0, "α 0.8–1")]
 )
