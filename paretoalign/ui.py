@@ -408,12 +408,12 @@ def sweep_location() -> Path:
 
 
 def shown_path(path: str | os.PathLike) -> str:
-    """``path`` as a user should see it: relative to the project when inside it (no path of the host machine)."""
-    path = Path(path).expanduser()
+    """``path`` as a user should see it: relative to the project when inside it (the shipped results never show a
+    path of the machine the app runs on); a path the user gave elsewhere, as given."""
     try:
-        return str(path.resolve().relative_to(ROOT.resolve()))
+        return str(Path(path).expanduser().resolve().relative_to(ROOT.resolve()))
     except ValueError:
-        return str(path) if not path.is_absolute() else path.name
+        return str(path)
 
 
 def load_sweep_summary(location: str | os.PathLike | None = None) -> tuple[dict | None, str]:
