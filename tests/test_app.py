@@ -220,7 +220,7 @@ def test_sweep_note_names_no_path_of_the_host(monkeypatch):
     monkeypatch.delenv(ui.SWEEP_ENV, raising=False)
     summary, note = ui.load_sweep_summary()
     assert summary is not None and str(ui.ROOT) not in note
-    assert f"`{ui.DEFAULT_SWEEP_DIR.relative_to(ui.ROOT)}`" in note
+    assert f"`{ui.DEFAULT_SWEEP_DIR.relative_to(ui.ROOT)}/summary.json`" in note
 
 
 @pytest.mark.parametrize(
