@@ -51,3 +51,49 @@ def atomic_directory(target: Path, build: Callable[[Path], None], marker: str = 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json_object(path: str | os.PathLike, what: str = "file") -> dict:
+    """The JSON object in ``path``; a missing, unreadable, damaged or non-object file raises one clear error naming it
+    (``FileNotFoundError`` or ``ValueError``), never a parser's traceback."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {str(path)!r} is not text: the file is damaged or not JSON") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON (line {error.lineno}: {error.msg}): the file is damaged") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def safetensors_shapes(path: str | os.PathLike, what: str = "weights file") -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` from a safetensors file's header alone (no tensor is read): checks a checkpoint before
+    anything large loads. A missing, truncated or foreign file raises one ``FileNotFoundError``/``ValueError``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as error:  # safetensors raises its own Rust error types
+        raise ValueError(f"{what} {str(path)!r} is not a readable safetensors file ({str(error).splitlines()[0][:120]})") from None
+    return shapes
+
+
+def read_safetensors(path: str | os.PathLike, device: str = "cpu", what: str = "weights file") -> dict:
+    """All tensors of a safetensors file (never unpickled); damage raises one clear error naming the file."""
+    from safetensors.torch import load_file
+
+    safetensors_shapes(path, what)
+    try:
+        return load_file(str(path), device=device)
+    except Exception as error:  # a header that parses over a body that was cut short
+        raise ValueError(f"{what} {str(path)!r} is damaged ({str(error).splitlines()[0][:120]})") from None

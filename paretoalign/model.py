@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .blocks import position_ids_from_mask
 from .backbone import DEFAULT_BACKBONE, cache_kwargs, load_backbone, tokenizer_fingerprint, weights_fingerprint
-from .files import atomic_write
+from .files import atomic_write, read_json_object, read_safetensors, safetensors_shapes
 from .heads import REWARD_HEAD_KINDS, ContextGate, GateCache, RewardBranch, RewardHead
 from .pblora import PBLoRAConfig
 from .preference import DEFAULT_OBJECTIVES, preference_batch
@@ -24,6 +24,7 @@ CHECKPOINT_ENV = "PARETOALIGN_CHECKPOINT"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
 CONFIG_NAME = "dualhead_config.json"
 WEIGHTS_NAME = "dualhead_model.safetensors"
+CHECKPOINT_FIELDS = ("backbone", "objectives", "reward_head", "vocab_size", "hidden_size")  # what save_pretrained always writes
 FUSION_MODES = ("gate", "genarm")
 REWARD_BASELINES = ("backbone", "none")
 REWARD_REDUCTIONS = ("sum", "mean")
@@ -385,7 +386,14 @@ class DualHeadModel(nn.Module):
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint directory {str(directory)!r}")
-        return DualHeadConfig.from_dict(json.loads(path.read_text()))
+        data = read_json_object(path, "checkpoint config")
+        missing = [name for name in CHECKPOINT_FIELDS if name not in data]
+        if missing:
+            raise ValueError(f"checkpoint config {str(path)!r} lacks {missing}: not a config written by save_pretrained")
+        try:
+            return DualHeadConfig.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"checkpoint config {str(path)!r}: {error}") from None
 
     @classmethod
     def from_pretrained(
@@ -402,13 +410,14 @@ class DualHeadModel(nn.Module):
         Raises ``ValueError`` naming both backbones when the checkpoint was made for another one.
         """
         config = cls.read_config(directory)
+        weights = Path(directory) / WEIGHTS_NAME
+        safetensors_shapes(weights, "checkpoint weights")  # a damaged file fails before the backbone loads
         if backbone is None or isinstance(backbone, str):
             backbone, tokenizer = load_backbone(backbone or config.backbone, device, dtype, trust_remote_code)
         elif tokenizer is None:
             raise ValueError("pass the backbone's tokenizer together with a loaded backbone")
         model = cls(backbone, tokenizer, config)
-        weights = Path(directory) / WEIGHTS_NAME
-        model.load_trainable_state_dict(load_file(weights, device=str(model.device)), source=str(weights))
+        model.load_trainable_state_dict(read_safetensors(weights, str(model.device), "checkpoint weights"), source=str(weights))
         return model.eval()
 
 

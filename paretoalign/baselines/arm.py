@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..backbone import tokenizer_fingerprint, weights_fingerprint
@@ -36,7 +36,7 @@ from ..blocks import (  # noqa: F401  (BoundPBLoRALinear, bind_preference, causa
     decoder_stack,
     run_blocks,
 )
-from ..files import atomic_write
+from ..files import atomic_write, read_json_object, read_safetensors, safetensors_shapes
 from ..losses import label_logprobs, next_token_targets
 from ..objective import PairBatch
 from ..pblora import PBLoRAConfig
@@ -163,11 +163,14 @@ class ARMConfig:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ARMConfig:
         path = Path(directory) / CONFIG_NAME
-        data = json.loads(path.read_text())
+        data = read_json_object(path, "ARM config")
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"{path}: unknown ARMConfig fields {unknown}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"ARM config {str(path)!r}: {error}") from None
 
     @classmethod
     def for_backbone(cls, method: str, objectives: Sequence[str], backbone, tokenizer, **settings) -> ARMConfig:
@@ -360,10 +363,11 @@ def load_arm(directory: str | os.PathLike, backbone: nn.Module, tokenizer, metho
     model = copy.deepcopy(backbone).eval().requires_grad_(False)
     device = str(backbone.get_output_embeddings().weight.device)
     if method == "genarm":
+        safetensors_shapes(directory / "adapter_model.safetensors", "ARM weights")  # damage fails here, not inside peft
         arm = _peft().PeftModel.from_pretrained(model, str(directory), is_trainable=False)
     else:
         arm = add_pblora(model, config)
-        tensors = load_file(directory / PBLORA_WEIGHTS_NAME, device=device)
+        tensors = read_safetensors(directory / PBLORA_WEIGHTS_NAME, device, "ARM weights")
         expected = adapter_parameters(arm)
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or unexpected:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import atomic_write
+from ..files import atomic_write, read_json_object, read_safetensors
 
 DEFAULT_SCORER_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "reward-minilm"
 CONFIG_NAME = "scorer_config.json"
@@ -219,12 +219,15 @@ class MiniLMScorerConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in scorer directory {str(directory)!r}")
-        values = json.loads(path.read_text(encoding="utf-8"))
+        values = read_json_object(path, "scorer config")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{path}: unknown keys {unknown}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"scorer config {str(path)!r}: {error}") from None
 
 
 def reward_features(
@@ -412,14 +415,12 @@ class MiniLMRewardScorer:
     @classmethod
     def from_pretrained(cls, directory: str | Path, device=None, encoder=None) -> MiniLMRewardScorer:
         """Load a scorer directory (``scorer_config.json`` + ``scorer.safetensors``); the encoder loads on first use."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         config = MiniLMScorerConfig.load(directory)
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in scorer directory {str(directory)!r}")
-        tensors = load_file(str(weights))
+        tensors = read_safetensors(weights, what="scorer weights")
         heads = {}
         for name in config.objectives:
             head = EmbeddingRewardHead(config.feature_size, config.hidden_sizes[name])
