@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import shutil
 import socket
 import sys
@@ -343,3 +344,16 @@ def test_in_a_real_browser(app_url, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+def test_the_space_installs_the_runtime_only():
+    """A Space installs requirements.txt: no test or notebook tool; requirements-dev.txt adds them on top."""
+    def names(path):
+        lines = [line.split("#")[0].strip() for line in (ui.ROOT / path).read_text().splitlines()]
+        return {re.split(r"[<>=!\[ ]", line)[0].lower() for line in lines if line and not line.startswith("-r")}
+
+    runtime, dev = names("requirements.txt"), names("requirements-dev.txt")
+    assert not runtime & {"pytest", "playwright", "kaleido", "nbformat", "nbclient", "ipykernel"}
+    assert {"torch", "transformers", "gradio", "sentence-transformers"} <= runtime
+    assert {"pytest", "playwright", "nbclient"} <= dev
+    assert "-r requirements.txt" in (ui.ROOT / "requirements-dev.txt").read_text()
