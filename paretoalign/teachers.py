@@ -114,7 +114,9 @@ def _pooled(cache: FeatureCache, rows: np.ndarray, prompt_lengths: np.ndarray) -
     return pooled_replies(cache, rows, prompt_lengths)
 
 
-def label_onpolicy(cache: FeatureCache, teachers: dict, groups: list[OnPolicyGroup], sources: dict | None = None) -> tuple[dict, dict, dict]:
+def label_onpolicy(
+    cache: FeatureCache, teachers: dict, groups: list[OnPolicyGroup], sources: dict | None = None, label_with: dict | None = None
+) -> tuple[dict, dict, dict]:
     """Every pair of distinct replies of a prompt, labelled by each objective's teacher where it is confident.
 
     Args:
@@ -122,6 +124,9 @@ def label_onpolicy(cache: FeatureCache, teachers: dict, groups: list[OnPolicyGro
         sources: ``{objective: [prompt sources]}``: that objective's teacher labels the pairs of these prompts only
             (a harmlessness teacher trained on red-team dialogues prefers a refusal even to a harmless question, so
             its labels carry harm only where the prompt can be harmful); an objective not named labels all prompts.
+        label_with: ``{objective: {prompt source: teacher objective}}``: another objective's teacher labels this
+            objective's pairs of these prompts (e.g. on benign prompts, where both replies are harmless, the
+            helpfulness teacher's label says that declining is not the harmless choice); default: its own teacher.
 
     Returns:
         ``{objective: PairIndex}`` of the pairs oriented to that teacher's label; the replies' teacher rewards
@@ -130,7 +135,7 @@ def label_onpolicy(cache: FeatureCache, teachers: dict, groups: list[OnPolicyGro
     """
     from .train import PairIndex
 
-    sources = sources or {}
+    sources, label_with = sources or {}, label_with or {}
     rows = np.concatenate([group.rows for group in groups]) if groups else np.zeros(0, dtype=np.int64)
     lengths = np.concatenate([np.full(len(group.rows), group.prompt_length) for group in groups]) if groups else rows
     pooled = pooled_replies(cache, rows, lengths)  # (R, d)
@@ -149,10 +154,15 @@ def label_onpolicy(cache: FeatureCache, teachers: dict, groups: list[OnPolicyGro
     first, second, prompt_length = np.array(first, dtype=np.int64), np.array(second, dtype=np.int64), np.array(prompt_length)
     source = np.array(source, dtype=object)
     labelled, labels = {}, {}
-    for name, teacher in teachers.items():
-        margin = rewards[name][first] - rewards[name][second] if len(first) else np.zeros(0)
+    margins = {name: rewards[name][first] - rewards[name][second] for name in teachers}  # (pairs,) per teacher
+    for name in teachers:
+        judge = np.array([label_with.get(name, {}).get(str(s), name) for s in source], dtype=object)  # (pairs,)
+        margin, threshold = np.zeros(len(first)), np.zeros(len(first))
+        for teacher_name in set(judge):
+            mine = judge == teacher_name
+            margin[mine], threshold[mine] = margins[teacher_name][mine], teachers[teacher_name].threshold
         allowed = np.isin(source, sources[name]) if name in sources else np.ones(len(first), dtype=bool)
-        keep = allowed & (np.abs(margin) >= teacher.threshold)
+        keep = allowed & (np.abs(margin) >= threshold)
         labels[name] = np.where(keep, np.sign(margin), 0)  # +1: the first reply wins, -1: the second, 0: no label
         swap = margin < 0
         labelled[name] = PairIndex(

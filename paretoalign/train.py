@@ -109,6 +109,14 @@ class TrainConfig:
             "an objective not named labels every prompt"
         },
     )
+    onpolicy_teachers: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": 'let another objective\'s teacher label an objective\'s on-policy pairs of some prompt sources, e.g. '
+            '{"harmlessness": {"helpful-base": "helpfulness"}}: on benign prompts both replies are harmless, and the '
+            "helpfulness label says that declining is not the harmless choice; default: each objective's own teacher"
+        },
+    )
     teacher_accuracy: float = field(
         default=0.75, metadata={"help": "keep teacher labels above the margin at which the teacher reaches this validation accuracy"}
     )
@@ -171,6 +179,13 @@ class TrainConfig:
             name not in self.objectives or not isinstance(sources, list) for name, sources in self.onpolicy_sources.items()
         ):
             raise ValueError(f"onpolicy_sources must map objectives {self.objectives} to lists of sources, got {self.onpolicy_sources!r}")
+        if not isinstance(self.onpolicy_teachers, dict) or any(
+            name not in self.objectives or not isinstance(by_source, dict) or any(t not in self.objectives for t in by_source.values())
+            for name, by_source in self.onpolicy_teachers.items()
+        ):
+            raise ValueError(
+                f"onpolicy_teachers must map objectives {self.objectives} to {{source: teacher objective}}, got {self.onpolicy_teachers!r}"
+            )
         unknown = [name for name in self.teacher_objectives if name not in self.objectives]
         if unknown:
             raise ValueError(f"teacher_objectives must be among objectives {self.objectives}, got {unknown}")
@@ -375,7 +390,7 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
         teachers, report = fit_teachers(cache, train_index, indices["validation"], names, config.teacher_accuracy)
         train_index, conflicts = relabel_with_teachers(cache, train_index, indices["validation"], teachers, report, config.teacher_objectives)
         if groups:
-            labelled, rewards, report["onpolicy"] = label_onpolicy(cache, teachers, groups, config.onpolicy_sources)
+            labelled, rewards, report["onpolicy"] = label_onpolicy(cache, teachers, groups, config.onpolicy_sources, config.onpolicy_teachers)
             train_index = {name: PairIndex.concat([index, labelled[name]]) for name, index in train_index.items()}
             onpolicy_scores, start = [], 0
             for group in groups:

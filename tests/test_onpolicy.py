@@ -82,6 +82,10 @@ def test_onpolicy_pairs_are_labelled_by_each_teacher_where_it_is_confident():
         "prompts": 1, "pairs": 3, "kept_helpfulness": 2, "kept_harmlessness": 2, "both_labelled": 1, "disagree": 1.0
     }
     assert report["helpful-base"]["pairs"] == 2 and report["helpful-base"]["kept_harmlessness"] == 0
+    # On benign prompts the helpfulness teacher may label harmlessness: its pairs there are helpfulness's.
+    labelled, _, report = label_onpolicy(cache, teachers, groups, {}, {"harmlessness": {"helpful-base": "helpfulness"}})
+    assert sorted(zip(labelled["harmlessness"].chosen, labelled["harmlessness"].rejected)) == [(1, 0), (1, 2), (4, 5)]
+    assert report["helpful-base"]["both_labelled"] == 1 and report["helpful-base"]["disagree"] == 0.0
 
 
 def test_feature_cache_copies_the_sequences_it_already_holds(make_model, tmp_path, monkeypatch):
