@@ -97,3 +97,46 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu", what: str = "
         return load_file(str(path), device=device)
     except Exception as error:  # a header that parses over a body that was cut short
         raise ValueError(f"{what} {str(path)!r} is damaged ({str(error).splitlines()[0][:120]})") from None
+
+
+LATEST_NAME = "latest.json"
+
+
+def write_checkpoint(root: str | os.PathLike, name: str, write: Callable[[Path], None]) -> Path:
+    """Write a multi-file checkpoint so that a kill at any instant leaves the previous one or this one, never a mix.
+
+    ``write(folder)`` fills a temporary folder, which is renamed to ``root/name``; then ``root/latest.json`` is
+    pointed at it in one atomic write, and only then are older checkpoints removed.
+    """
+    import json
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / name
+    if target.exists():
+        shutil.rmtree(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    text = json.dumps({"checkpoint": name})
+    atomic_write(root / LATEST_NAME, lambda path: Path(path).write_text(text))
+    for entry in root.iterdir():
+        if entry.is_dir() and entry.name != name:
+            shutil.rmtree(entry, ignore_errors=True)  # older checkpoints, and temporary folders of killed writes
+    return target
+
+
+def latest_checkpoint(root: str | os.PathLike, marker: str) -> Path | None:
+    """The checkpoint ``root/latest.json`` points at; ``root`` itself when it holds ``marker`` (the older one-folder
+    layout); ``None`` when there is none."""
+    root = Path(root)
+    pointer = root / LATEST_NAME
+    if pointer.is_file():
+        folder = root / read_json_object(pointer, "checkpoint pointer")["checkpoint"]
+        if not (folder / marker).is_file():
+            raise ValueError(f"checkpoint pointer {str(pointer)!r} names {folder.name!r}, which holds no {marker}: the checkpoint is damaged")
+        return folder
+    return root if (root / marker).is_file() else None

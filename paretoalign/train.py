@@ -29,7 +29,7 @@ from .backbone import DEFAULT_BACKBONE, cache_dir, load_backbone
 from .data import PreferenceCollator, PreferencePair, load_default_pairs, split_pools
 from .candidates import CandidateBatch, CandidateCache, build_candidate_cache
 from .features import FeatureCache, build_feature_cache
-from .files import atomic_write
+from .files import atomic_write, latest_checkpoint, write_checkpoint
 from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss, sample_preference
 from .model import DualHeadConfig, DualHeadModel
 from .objective import PairBatch, join_pair_batches, score_pairs
@@ -665,7 +665,8 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     state_dir, log_path = output / "checkpoint", output / "training_log.jsonl"
-    start = load_training_state(state_dir, model, optimizer, scheduler) if (state_dir / "trainer_state.json").is_file() else 0
+    latest = latest_checkpoint(state_dir, "trainer_state.json")
+    start = load_training_state(latest, model, optimizer, scheduler) if latest is not None else 0
     if start:
         logger.warning("resuming %s from step %d", output, start)
     if accelerator.is_main_process:
@@ -702,7 +703,7 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
         if accelerator.is_main_process:
             _append_log(log_path, record)
             if done % config.checkpoint_every == 0 or done == config.steps:
-                save_training_state(state_dir, model, optimizer, scheduler, done)
+                write_checkpoint(state_dir, f"step-{done:08d}", lambda folder: save_training_state(folder, model, optimizer, scheduler, done))
         bar.set_postfix(loss=f"{stats['loss']:.3f}", lm=f"{stats['lm_loss']:.3f}")
         bar.update(1)
     bar.close()

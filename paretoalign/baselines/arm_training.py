@@ -28,7 +28,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ..backbone import DEFAULT_BACKBONE, cache_dir, load_backbone
 from ..data import PreferenceCollator, load_default_pairs, split_pools
 from ..features import build_feature_cache
-from ..files import atomic_write
+from ..files import atomic_write, latest_checkpoint, write_checkpoint
 from ..losses import arm_preference_loss
 from ..model import DualHeadConfig, DualHeadModel
 from ..objective import PairBatch, join_pair_batches
@@ -312,7 +312,8 @@ def train_arm(config: ARMTrainConfig, backbone=None, tokenizer=None, progress: b
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     state_dir, log_path = output / STATE_DIR, output / LOG_NAME
-    start = load_arm_state(state_dir, arm, optimizer, scheduler) if (state_dir / "trainer_state.json").is_file() else 0
+    latest = latest_checkpoint(state_dir, "trainer_state.json")
+    start = load_arm_state(latest, arm, optimizer, scheduler) if latest is not None else 0
     if start:
         logger.warning("resuming %s from step %d", output, start)
     _truncate_log(log_path, start)  # steps logged after the last checkpoint are run again
@@ -345,7 +346,7 @@ def train_arm(config: ARMTrainConfig, backbone=None, tokenizer=None, progress: b
             record.update(final_eval)
         _append_log(log_path, record)
         if done % config.checkpoint_every == 0 or done == config.steps:
-            save_arm_state(state_dir, arm, optimizer, scheduler, done)
+            write_checkpoint(state_dir, f"step-{done:08d}", lambda folder: save_arm_state(folder, arm, optimizer, scheduler, done))
         bar.set_postfix(loss=f"{stats['loss']:.3f}")
         bar.update(1)
     bar.close()
