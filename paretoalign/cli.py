@@ -372,6 +372,7 @@ def _add_steering(subparsers) -> None:
     parser.add_argument("--benign", required=True, nargs="+", help="sweep directories over benign prompts")
     parser.add_argument("--out", required=True, help="where steering.json and steering.md go")
     parser.add_argument("--no-nll", action="store_true", help="skip the base model's NLL of the answers (no backbone load)")
+    parser.add_argument("--samples", type=int, default=0, help="also write samples.md: N random prompts per set answered at both ends")
     parser.add_argument("--backbone", default=None)
     parser.set_defaults(handler=run_steering_report)
 
@@ -426,7 +427,14 @@ def run_steering_report(args: argparse.Namespace) -> int:
 
         backbone, tokenizer = load_backbone(args.backbone or DEFAULT_BACKBONE)
         model = argparse.Namespace(backbone=backbone.eval(), tokenizer=tokenizer, device=backbone.device)
-    summary = write_steering_report({"harmful": args.harmful, "benign": args.benign}, args.out, model)
+    directories = {"harmful": args.harmful, "benign": args.benign}
+    summary = write_steering_report(directories, args.out, model)
+    if args.samples:
+        from .evaluation.steering import markdown_samples
+        from .files import atomic_write
+
+        text = markdown_samples(directories, args.samples)
+        atomic_write(Path(args.out) / "samples.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     print(markdown_steering(summary))
     return 0
 

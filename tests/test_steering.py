@@ -163,6 +163,20 @@ def test_steering_summary_counts_refusals_changes_and_the_selective_rise(tmp_pat
     assert summary["changed"]["dualhead"] == {"harmful": 0.5, "benign": 0.25}
 
 
+def test_samples_show_both_ends_of_randomly_drawn_prompts(tmp_path):
+    from paretoalign.evaluation.steering import markdown_samples
+
+    answers = {(0.0, 1.0): [f"decline {i}" for i in range(4)], (1.0, 0.0): [f"comply {i}" for i in range(4)]}
+    _write_sweep(tmp_path / "harmful", answers)
+    _write_sweep(tmp_path / "benign", answers)
+    text = markdown_samples({"harmful": tmp_path / "harmful", "benign": tmp_path / "benign"}, per_set=3, seed=0)
+    assert text == markdown_samples({"harmful": tmp_path / "harmful", "benign": tmp_path / "benign"}, per_set=3, seed=0)
+    assert text.count("### ") == 6 and "## harmful prompts" in text and "## benign prompts" in text
+    for line in [line for line in text.splitlines() if line.startswith("- **w = (1, 0)**")]:
+        assert "comply" in line
+    assert text.count("- **w = (0, 1)**: 'decline") == 6
+
+
 def test_steering_prompts_are_held_out_distinct_and_seeded(tmp_path):
     from paretoalign.data import load_default_pairs, prompt_key, split_pools
 

@@ -318,3 +318,46 @@ def write_steering_report(directories: dict[str, str | os.PathLike], out: str | 
     atomic_write(out / "steering.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     atomic_write(out / "steering.md", lambda tmp: Path(tmp).write_text(markdown_steering(summary)))
     return summary
+
+
+def _last_user_turn(prompt) -> tuple[str, bool]:
+    if isinstance(prompt, str):
+        return prompt, False
+    users = [m["content"] for m in prompt if m["role"] == "user"]
+    return (users[-1] if users else prompt[-1]["content"]), len(prompt) > 1
+
+
+def markdown_samples(directories: dict[str, str | os.PathLike], per_set: int = 20, seed: int = 0, method: str = "dualhead") -> str:
+    """``per_set`` prompts drawn at random (``seed``) from each set's sweeps, each answered at both ends of the grid
+    by ``method`` and by the base model where the sweeps hold it, verbatim (nothing picked by hand)."""
+    lines = [
+        "# Answers from both ends of the slider (verbatim)",
+        "",
+        f"{per_set} prompts drawn at random (seed {seed}) from each set; w = (helpfulness, harmlessness). "
+        "Nothing here was picked by hand.",
+    ]
+    for name, found in directories.items():
+        folders = [Path(found)] if isinstance(found, (str, os.PathLike)) else [Path(d) for d in found]
+        rows = [row for folder in folders for row in read_results(folder / RESULTS_NAME)]
+        ours = defaultdict(dict)
+        base = {}
+        for row in rows:
+            if row["method"] == method and row["preference"] is not None:
+                ours[row["prompt_id"]][tuple(row["preference"])] = row
+            elif row["method"] == "base":
+                base[row["prompt_id"]] = row
+        points = sorted({p for answers in ours.values() for p in answers})
+        if len(points) < 2:
+            continue
+        first, last = points[-1], points[0]  # (1, 0) and (0, 1)
+        ids = sorted(i for i, answers in ours.items() if first in answers and last in answers)
+        chosen = sorted(random.Random(seed).sample(ids, min(per_set, len(ids))), key=ids.index)
+        lines += ["", f"## {name} prompts"]
+        for number, prompt_id in enumerate(chosen, start=1):
+            text, multi = _last_user_turn(ours[prompt_id][first]["prompt"])
+            lines += ["", f"### {number}. {text!r}" + (" (multi-turn; last user turn shown)" if multi else ""), ""]
+            for point in (first, last):
+                lines.append(f"- **w = ({point[0]:g}, {point[1]:g})**: {ours[prompt_id][point]['text']!r}")
+            if prompt_id in base:
+                lines.append(f"- **base model**: {base[prompt_id]['text']!r}")
+    return "\n".join(lines) + "\n"
