@@ -378,22 +378,15 @@ def _add_steering(subparsers) -> None:
 
 
 def _add_sample_replies(subparsers) -> None:
+    from transformers import HfArgumentParser
+
     from .onpolicy import SampleConfig
 
-    defaults = SampleConfig(prompts="", out="")
     parser = subparsers.add_parser(
-        "sample-replies", help="sample k base-model replies to each prompt, for teachers to label (resumable)"
+        "sample-replies",
+        parents=[HfArgumentParser(SampleConfig, add_help=False)],
+        help="sample k base-model replies to each prompt, for teachers to label (resumable)",
     )
-    parser.add_argument("--prompts", required=True, help="a prompts file (.jsonl records with 'prompt' and 'source', or text lines)")
-    parser.add_argument("--out", required=True, help="folder for replies.json and replies.jsonl")
-    parser.add_argument("--k", type=int, default=defaults.k, help="replies per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--limit", type=int, default=None, help="sample the first N prompts only")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="replies decoded together")
-    parser.add_argument("--backbone", default=None, help="backbone id or path (default: the offline SmolLM2)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=run_sample_replies)
 
@@ -401,10 +394,7 @@ def _add_sample_replies(subparsers) -> None:
 def run_sample_replies(args: argparse.Namespace) -> int:
     from .onpolicy import SampleConfig, sample_replies
 
-    config = SampleConfig(
-        prompts=args.prompts, out=args.out, k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_p=args.top_p, seed=args.seed, limit=args.limit, batch_size=args.batch_size, backbone=args.backbone,
-    )
+    config = SampleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SampleConfig)})
     result = sample_replies(config, progress=not args.no_progress)
     print(f"{result['written']} prompts sampled, {result['skipped']} already done, {result['total']} in all: {result['directory']}")
     return 0

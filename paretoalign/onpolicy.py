@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,16 +36,16 @@ FORMAT_VERSION = 1
 class SampleConfig:
     """What to sample: ``k`` replies of the base model to every prompt of ``prompts``."""
 
-    prompts: str
-    out: str
-    k: int = 4
+    prompts: str = field(metadata={"help": "a prompts file (.jsonl records with 'prompt' and 'source', or text lines)"})
+    out: str = field(metadata={"help": "folder for replies.json and replies.jsonl"})
+    k: int = field(default=4, metadata={"help": "replies per prompt"})
     max_new_tokens: int = 64
     temperature: float = 0.7
     top_p: float = 0.9
-    seed: int = 0
-    limit: int | None = None
-    batch_size: int = 32
-    backbone: str | None = None  # default: the offline SmolLM2
+    seed: int = field(default=0, metadata={"help": "each reply's seed derives from it and the prompt"})
+    limit: int | None = field(default=None, metadata={"help": "sample the first N prompts only"})
+    batch_size: int = field(default=32, metadata={"help": "replies decoded together"})
+    backbone: str | None = field(default=None, metadata={"help": "backbone id or path (default: the offline SmolLM2)"})
 
     def __post_init__(self):
         for name in ("k", "max_new_tokens", "batch_size"):
