@@ -118,6 +118,22 @@ def _data_sources(config: dict, pools: dict) -> str:
     return f"Vendored HH-RLHF pairs only (MIT, Anthropic; see `data/README.md`; PKU-SafeRLHF not used): {counts}"
 
 
+def _onpolicy_note(config: dict, run_dir: Path) -> str:
+    if not config.get("onpolicy"):
+        return ""
+    report = json.loads((run_dir / "teacher_labels.json").read_text()).get("onpolicy", {}) if (run_dir / "teacher_labels.json").is_file() else {}
+    kept = {name: sum(entry.get(f"kept_{name}", 0) for entry in report.values()) for name in config["objectives"]}
+    pairs = sum(entry.get("pairs", 0) for entry in report.values())
+    shown = ", ".join(f"{n} for {name}" for name, n in kept.items())
+    return (
+        f"\nOn-policy pairs: the frozen backbone's own replies ({', '.join(f'`{p}`' for p in config['onpolicy'])}; 4 per "
+        f"training prompt, see `data/README.md`), every pair of a prompt's replies labelled by each objective's teacher "
+        f"where it is confident: {pairs} pairs, kept {shown} (`teacher_labels.json`). Prompt sources an objective's "
+        f"teacher labels: {json.dumps(config.get('onpolicy_sources') or 'all')}; teachers standing in for another "
+        f"objective's: {json.dumps(config.get('onpolicy_teachers') or 'none')}.\n"
+    )
+
+
 def _preference_step(config: dict) -> str:
     if config.get("preference_sampling", "step") == "objective":
         return (
@@ -159,7 +175,7 @@ after dropping identical or empty replies; split 80/10/10 **by prompt**, near-du
 Training used at most {config['max_train_pairs']} train pairs per objective and {config['max_eval_pairs']} validation
 pairs per objective; prompts ≤ {config['max_prompt_length']} tokens (whole turns dropped from the start), sequences ≤ {config['max_length']}
 tokens.
-
+{_onpolicy_note(config, run_dir)}
 ## Training
 
 `paretoalign train --config configs/default.json` — {_preference_step(config)}
@@ -184,9 +200,10 @@ The full log is `training_log.jsonl`; the exact configuration is `train_config.j
 ## Limits
 
 The backbone is a 135M-parameter model quantised to 4 bits. The HH-RLHF data are its test files (its train files were
-not available offline), so the reward head learned from a few hundred pairs per objective. Its harmlessness is what
-its labels reward — on harmful prompts, shorter and flatter replies — not refusals (`docs/steering.md`). Scores from
-this head are not a substitute for a real reward model.
+not available offline), so the reward head learned from a few hundred human pairs per objective and the backbone's
+own replies labelled by linear probes (the teachers). What each end of the slider does to held-out answers (refusals,
+scorer rewards, fluency) is measured in `docs/steering.md`. Scores from this head are not a substitute for a real
+reward model.
 """
     return card
 
