@@ -13,10 +13,12 @@ A checkpoint directory holds ``arm_config.json`` (:class:`ARMConfig`) beside the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -264,6 +266,15 @@ def _peft():
     return peft
 
 
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model; that FutureWarning is
+    about peft's call, not the user's, so it is kept off their terminal."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def lora_config(config: ARMConfig):
     """peft's ``LoraConfig`` for a GenARM ARM: q/k/v/o projections of the top ``config.layers`` blocks only."""
     return _peft().LoraConfig(
@@ -299,7 +310,8 @@ def new_arm(backbone: nn.Module, config: ARMConfig) -> nn.Module:
     """
     model = copy.deepcopy(backbone).eval().requires_grad_(False)
     if config.method == "genarm":
-        return _peft().get_peft_model(model, lora_config(config)).eval()
+        with _quiet_peft():
+            return _peft().get_peft_model(model, lora_config(config)).eval()
     add_pblora(model, config)
     for parameter in adapter_parameters(model).values():
         parameter.requires_grad_(True)
@@ -364,7 +376,8 @@ def load_arm(directory: str | os.PathLike, backbone: nn.Module, tokenizer, metho
     device = str(backbone.get_output_embeddings().weight.device)
     if method == "genarm":
         safetensors_shapes(directory / "adapter_model.safetensors", "ARM weights")  # damage fails here, not inside peft
-        arm = _peft().PeftModel.from_pretrained(model, str(directory), is_trainable=False)
+        with _quiet_peft():
+            arm = _peft().PeftModel.from_pretrained(model, str(directory), is_trainable=False)
     else:
         arm = add_pblora(model, config)
         tensors = read_safetensors(directory / PBLORA_WEIGHTS_NAME, device, "ARM weights")
