@@ -29,7 +29,7 @@ from .backbone import DEFAULT_BACKBONE, cache_dir, load_backbone
 from .data import PreferenceCollator, PreferencePair, load_default_pairs, split_pools
 from .candidates import CandidateBatch, CandidateCache, build_candidate_cache
 from .features import FeatureCache, build_feature_cache
-from .files import atomic_write, latest_checkpoint, write_checkpoint
+from .files import atomic_write, latest_checkpoint, read_json_object, write_checkpoint
 from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss, sample_preference
 from .model import DualHeadConfig, DualHeadModel
 from .objective import PairBatch, join_pair_batches, score_pairs
@@ -243,7 +243,7 @@ def _read_config_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise FileNotFoundError(f"train config {str(path)!r} does not exist")
     if path.resolve() in seen:
         raise ValueError(f"train config {str(path)!r} extends itself")
-    data = json.loads(path.read_text())
+    data = read_json_object(path, "train config")
     parent = data.pop("extends", None)
     if parent is None:
         return data

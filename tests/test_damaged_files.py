@@ -101,3 +101,12 @@ def test_damaged_arm_and_scorer_checkpoints_name_the_file(kind, baseline_root, b
         truncate(config)
         with pytest.raises(ValueError, match="scorer config .* is not valid JSON"):
             MiniLMRewardScorer.from_pretrained(directory)
+
+
+def test_a_damaged_train_config_names_the_file(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text('{"steps": 3,')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"train config {str(config)!r} is not valid JSON" in err
