@@ -38,9 +38,22 @@ class Teacher:
     scale: np.ndarray  # (d,)
     threshold: float = 0.0  # |margin| at or above which a label is kept
 
+    def reward(self, pooled: np.ndarray) -> np.ndarray:
+        """``(n,)`` reward of each reply's pooled state ``(n, d)``."""
+        return (pooled / self.scale) @ self.weight
+
     def margin(self, chosen: np.ndarray, rejected: np.ndarray) -> np.ndarray:
         """``(n,)`` reward of the first reply minus the second's."""
-        return ((chosen - rejected) / self.scale) @ self.weight
+        return self.reward(chosen - rejected)
+
+
+def pair_features(cache: FeatureCache, indices: dict) -> dict:
+    """``{objective: (chosen (n, d), rejected (n, d))}``: the pooled replies of each ``PairIndex``, read once and
+    shared by fitting, relabelling and conflict counting."""
+    return {
+        name: (pooled_replies(cache, index.chosen, index.prompt_length), pooled_replies(cache, index.rejected, index.prompt_length))
+        for name, index in indices.items()
+    }
 
 
 def fit_teacher(chosen: np.ndarray, rejected: np.ndarray, l2: float = 0.1, steps: int = 200) -> Teacher:
@@ -89,14 +102,14 @@ class OnPolicyGroup:
     folder: str = ""
 
 
-def fit_teachers(cache: FeatureCache, train: dict, validation: dict, names, target_accuracy: float, l2: float = 0.1) -> tuple[dict, dict]:
+def fit_teachers(features: dict, val_features: dict, names, target_accuracy: float, l2: float = 0.1) -> tuple[dict, dict]:
     """One teacher per objective in ``names``, fit on its human-labelled training pairs, its label threshold
-    calibrated on its validation pairs. Returns ``({name: Teacher}, {name: report entry})``."""
+    calibrated on its validation pairs (both as :func:`pair_features`). Returns ``({name: Teacher}, {name: report
+    entry})``."""
     teachers, report = {}, {}
     for name in names:
-        index, val = train[name], validation[name]
-        teacher = fit_teacher(_pooled(cache, index.chosen, index.prompt_length), _pooled(cache, index.rejected, index.prompt_length), l2=l2)
-        val_margins = teacher.margin(_pooled(cache, val.chosen, val.prompt_length), _pooled(cache, val.rejected, val.prompt_length))
+        teacher = fit_teacher(*features[name], l2=l2)
+        val_margins = teacher.margin(*val_features[name])
         teacher.threshold = calibrate_threshold(val_margins, target_accuracy)
         confident = np.abs(val_margins) >= teacher.threshold
         teachers[name] = teacher
@@ -108,10 +121,6 @@ def fit_teachers(cache: FeatureCache, train: dict, validation: dict, names, targ
             "labels": {},
         }
     return teachers, report
-
-
-def _pooled(cache: FeatureCache, rows: np.ndarray, prompt_lengths: np.ndarray) -> np.ndarray:
-    return pooled_replies(cache, rows, prompt_lengths)
 
 
 def label_onpolicy(
@@ -139,7 +148,7 @@ def label_onpolicy(
     rows = np.concatenate([group.rows for group in groups]) if groups else np.zeros(0, dtype=np.int64)
     lengths = np.concatenate([np.full(len(group.rows), group.prompt_length) for group in groups]) if groups else rows
     pooled = pooled_replies(cache, rows, lengths)  # (R, d)
-    rewards = {name: (pooled / teacher.scale) @ teacher.weight for name, teacher in teachers.items()}  # (R,) each
+    rewards = {name: teacher.reward(pooled) for name, teacher in teachers.items()}  # (R,) each
     first, second, prompt_length, source = [], [], [], []
     start = 0
     for group in groups:
@@ -180,14 +189,17 @@ def label_onpolicy(
             entry["both_labelled"] = int(both.sum())
             entry["disagree"] = float((labels[names[0]][both] != labels[names[1]][both]).mean()) if both.any() else None
         report[value] = entry
-    return labelled, {name: rewards[name] for name in names}, report
+    return labelled, rewards, report
 
 
-def relabel_with_teachers(cache: FeatureCache, train: dict, validation: dict, teachers: dict, report: dict, relabel=None) -> tuple[dict, dict]:
+def relabel_with_teachers(
+    train: dict, validation: dict, features: dict, val_features: dict, teachers: dict, report: dict, relabel=None
+) -> tuple[dict, dict]:
     """Give the other objectives' training pairs a label for each teacher in ``relabel`` (default: all).
 
     Args:
-        train, validation: ``{objective: PairIndex}`` (human labels).
+        train, validation: ``{objective: PairIndex}`` (human labels); ``features``, ``val_features``: their pooled
+            replies (:func:`pair_features`).
         teachers, report: from :func:`fit_teachers`; ``report`` gains, per teacher and labelled objective, the
             pairs kept and how often the teacher disagrees with the pair's own human label (the conflict rate: an
             upper bound on any trade-off learnable from the data).
@@ -200,15 +212,10 @@ def relabel_with_teachers(cache: FeatureCache, train: dict, validation: dict, te
     """
     from .train import PairIndex  # the index type lives with the trainer
 
-    def pooled(index):
-        return _pooled(cache, index.chosen, index.prompt_length), _pooled(cache, index.rejected, index.prompt_length)
-
     relabel = list(teachers) if relabel is None else list(relabel)
     unknown = [name for name in relabel if name not in teachers]
     if unknown:
         raise ValueError(f"teacher_objectives {unknown} have no teacher; teachers: {sorted(teachers)}")
-    features = {name: pooled(index) for name, index in train.items()}
-    val_features = {name: pooled(index) for name, index in validation.items()}
     extended = dict(train)
     for teacher_name in relabel:
         teacher, entry = teachers[teacher_name], report[teacher_name]

@@ -34,7 +34,7 @@ from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss
 from .model import DualHeadConfig, DualHeadModel
 from .objective import PairBatch, join_pair_batches, score_pairs
 from .preference import DEFAULT_OBJECTIVES
-from .teachers import OnPolicyGroup, fit_teachers, label_onpolicy, relabel_with_teachers
+from .teachers import OnPolicyGroup, fit_teachers, label_onpolicy, pair_features, relabel_with_teachers
 
 logger = logging.getLogger(__name__)
 PREFERENCE_SAMPLINGS = ("step", "objective")
@@ -387,8 +387,11 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
         train_index[objective] = train_index[objective].select(keep)
     if config.teacher_objectives or groups:
         names = config.objectives if groups else config.teacher_objectives
-        teachers, report = fit_teachers(cache, train_index, indices["validation"], names, config.teacher_accuracy)
-        train_index, conflicts = relabel_with_teachers(cache, train_index, indices["validation"], teachers, report, config.teacher_objectives)
+        features, val_features = pair_features(cache, train_index), pair_features(cache, indices["validation"])
+        teachers, report = fit_teachers(features, val_features, names, config.teacher_accuracy)
+        train_index, conflicts = relabel_with_teachers(
+            train_index, indices["validation"], features, val_features, teachers, report, config.teacher_objectives
+        )
         if groups:
             labelled, rewards, report["onpolicy"] = label_onpolicy(cache, teachers, groups, config.onpolicy_sources, config.onpolicy_teachers)
             train_index = {name: PairIndex.concat([index, labelled[name]]) for name, index in train_index.items()}
