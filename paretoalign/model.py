@@ -442,6 +442,13 @@ def load_model(
     checkpoint = checkpoint if checkpoint is not None else default_checkpoint()
     if checkpoint is not None:
         return DualHeadModel.from_pretrained(checkpoint, backbone, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    return base_model(backbone, device, dtype, trust_remote_code)
+
+
+def base_model(
+    backbone: str | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+) -> DualHeadModel:
+    """Untrained heads on ``backbone`` (default: the offline SmolLM2): they reproduce the backbone exactly."""
     name = backbone or DEFAULT_BACKBONE
     model, tokenizer = load_backbone(name, device, dtype, trust_remote_code)
     torch.manual_seed(0)

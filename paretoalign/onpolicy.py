@@ -14,7 +14,6 @@ with other settings refuses to append to the folder.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,8 +23,6 @@ from tqdm.auto import tqdm
 
 from .evaluation.sweep import append_rows, load_prompts, read_results, row_seed, settings_changes
 from .files import atomic_write
-
-logger = logging.getLogger(__name__)
 
 SETTINGS_NAME = "replies.json"
 REPLIES_NAME = "replies.jsonl"
@@ -92,16 +89,12 @@ def _settings(config: SampleConfig, model) -> dict:
 
 def sample_replies(config: SampleConfig, model=None, progress: bool = True) -> dict:
     """Sample (or finish sampling) ``config.k`` base-model replies to each prompt; returns counts and the folder."""
-    from .backbone import DEFAULT_BACKBONE, load_backbone
     from .generation import generate
-    from .model import DualHeadConfig, DualHeadModel
+    from .model import base_model
 
     prompts = load_prompts(config.prompts, config.limit)
     sources = prompt_sources(config.prompts)
-    if model is None:
-        name = config.backbone or DEFAULT_BACKBONE
-        backbone, tokenizer = load_backbone(name)
-        model = DualHeadModel(backbone, tokenizer, DualHeadConfig(backbone=name)).eval()  # untrained heads: the base model
+    model = model or base_model(config.backbone)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = _settings(config, model)

@@ -157,6 +157,11 @@ def _preference_label(preference) -> str:
     return "—" if preference is None else "(" + ", ".join(f"{w:g}" for w in preference) + ")"
 
 
+def _folders(found) -> list[Path]:
+    """One sweep directory or several -> a list of paths."""
+    return [Path(found)] if isinstance(found, (str, os.PathLike)) else [Path(d) for d in found]
+
+
 def steering_summary(directories: dict[str, str | os.PathLike], nll: dict[str, dict] | None = None) -> dict:
     """Per set, method and preference: refusal share and interval, scores, fluency, change share; and per method the
     selective-steering statistic between the grid's two ends (the first and the last preference).
@@ -168,7 +173,7 @@ def steering_summary(directories: dict[str, str | os.PathLike], nll: dict[str, d
     table, per_prompt, objectives = {}, {}, None
     for name, found in directories.items():
         groups: dict[tuple, list[dict]] = defaultdict(list)
-        folders = [Path(found)] if isinstance(found, (str, os.PathLike)) else [Path(d) for d in found]
+        folders = _folders(found)
         loaded = [(folder, read_results(folder / RESULTS_NAME)) for folder in folders]
         seen = defaultdict(int)
         for _, rows in loaded:
@@ -309,7 +314,7 @@ def write_steering_report(directories: dict[str, str | os.PathLike], out: str | 
     if model is not None:
         nll = {}
         for name, found in directories.items():
-            for folder in [found] if isinstance(found, (str, os.PathLike)) else found:
+            for folder in _folders(found):
                 values = add_base_nll(folder, model)
                 nll.setdefault(name, {}).update({(str(Path(folder)), *key): value for key, value in values.items()})
     summary = steering_summary(directories, nll)
@@ -337,8 +342,7 @@ def markdown_samples(directories: dict[str, str | os.PathLike], per_set: int = 2
         "Nothing here was picked by hand.",
     ]
     for name, found in directories.items():
-        folders = [Path(found)] if isinstance(found, (str, os.PathLike)) else [Path(d) for d in found]
-        rows = [row for folder in folders for row in read_results(folder / RESULTS_NAME)]
+        rows = [row for folder in _folders(found) for row in read_results(folder / RESULTS_NAME)]
         ours = defaultdict(dict)
         base = {}
         for row in rows:
