@@ -357,11 +357,11 @@ def markdown_samples(directories: dict[str, str | os.PathLike], per_set: int = 2
         ids = sorted(i for i, answers in ours.items() if first in answers and last in answers)
         chosen = sorted(random.Random(seed).sample(ids, min(per_set, len(ids))), key=ids.index)
         lines += ["", f"## {name} prompts"]
-        for number, prompt_id in enumerate(chosen, start=1):
-            text, multi = _last_user_turn(ours[prompt_id][first]["prompt"])
+        for number, chosen_id in enumerate(chosen, start=1):
+            text, multi = _last_user_turn(ours[chosen_id][first]["prompt"])
             lines += ["", f"### {number}. {text!r}" + (" (multi-turn; last user turn shown)" if multi else ""), ""]
             for point in (first, last):
-                lines.append(f"- **w = ({point[0]:g}, {point[1]:g})**: {ours[prompt_id][point]['text']!r}")
-            if prompt_id in base:
-                lines.append(f"- **base model**: {base[prompt_id]['text']!r}")
+                lines.append(f"- **w = ({point[0]:g}, {point[1]:g})**: {ours[chosen_id][point]['text']!r}")
+            if chosen_id in base:
+                lines.append(f"- **base model**: {base[chosen_id]['text']!r}")
     return "\n".join(lines) + "\n"
