@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -29,7 +29,7 @@ from .backbone import DEFAULT_BACKBONE, cache_dir, load_backbone
 from .data import PreferenceCollator, PreferencePair, load_default_pairs, split_pools
 from .candidates import CandidateBatch, CandidateCache, build_candidate_cache
 from .features import FeatureCache, build_feature_cache
-from .files import atomic_write, latest_checkpoint, read_json_object, write_checkpoint
+from .files import atomic_write, latest_checkpoint, read_json_object, read_safetensors, write_checkpoint
 from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss, sample_preference
 from .model import DualHeadConfig, DualHeadModel
 from .objective import PairBatch, join_pair_batches, score_pairs
@@ -593,9 +593,10 @@ def save_training_state(directory: Path, model: DualHeadModel, optimizer, schedu
 
 def load_training_state(directory: Path, model: DualHeadModel, optimizer, scheduler) -> int:
     """Restore what :func:`save_training_state` wrote; returns the step to continue from."""
-    meta = json.loads((directory / "trainer_state.json").read_text())
-    model.load_trainable_state_dict(load_file(directory / "dualhead_model.safetensors", device=str(model.device)), str(directory))
-    tensors = load_file(directory / "optimizer.safetensors", device=str(model.device))
+    meta = read_json_object(directory / "trainer_state.json", "training state")
+    weights = directory / "dualhead_model.safetensors"
+    model.load_trainable_state_dict(read_safetensors(weights, str(model.device), "checkpoint weights"), str(directory))
+    tensors = read_safetensors(directory / "optimizer.safetensors", str(model.device), "optimizer state")
     slots: dict[int, dict] = {}
     for key, value in [*tensors.items(), *meta["scalars"].items()]:
         index, name = key.split(".", 1)

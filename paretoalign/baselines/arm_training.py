@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ..backbone import DEFAULT_BACKBONE, cache_dir, load_backbone
 from ..data import PreferenceCollator, load_default_pairs, split_pools
 from ..features import build_feature_cache
-from ..files import atomic_write, latest_checkpoint, write_checkpoint
+from ..files import atomic_write, latest_checkpoint, read_json_object, read_safetensors, write_checkpoint
 from ..losses import arm_preference_loss
 from ..model import DualHeadConfig, DualHeadModel
 from ..objective import PairBatch, join_pair_batches
@@ -257,9 +257,9 @@ def save_arm_state(directory: Path, arm, optimizer, scheduler, step: int) -> Non
 
 def load_arm_state(directory: Path, arm, optimizer, scheduler) -> int:
     """Restore what :func:`save_arm_state` wrote; returns the step to continue from."""
-    meta = json.loads((directory / "trainer_state.json").read_text())
+    meta = read_json_object(directory / "trainer_state.json", "training state")
     device = str(arm_device(arm))
-    adapters = load_file(directory / "adapter.safetensors", device=device)
+    adapters = read_safetensors(directory / "adapter.safetensors", device, "ARM weights")
     parameters = adapter_parameters(arm)
     if set(adapters) != set(parameters):
         raise ValueError(f"{directory} holds adapters of another ARM layout; use a new output directory")
@@ -267,7 +267,7 @@ def load_arm_state(directory: Path, arm, optimizer, scheduler) -> int:
         for name, parameter in parameters.items():
             parameter.copy_(adapters[name])
     slots: dict[int, dict] = {}
-    for key, value in [*load_file(directory / "optimizer.safetensors", device=device).items(), *meta["scalars"].items()]:
+    for key, value in [*read_safetensors(directory / "optimizer.safetensors", device, "optimizer state").items(), *meta["scalars"].items()]:
         index, name = key.split(".", 1)
         slots.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
