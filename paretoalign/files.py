@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -56,8 +57,6 @@ def atomic_directory(target: Path, build: Callable[[Path], None], marker: str = 
 def read_json_object(path: str | os.PathLike, what: str = "file") -> dict:
     """The JSON object in ``path``; a missing, unreadable, damaged or non-object file raises one clear error naming it
     (``FileNotFoundError`` or ``ValueError``), never a parser's traceback."""
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
@@ -108,8 +107,6 @@ def write_checkpoint(root: str | os.PathLike, name: str, write: Callable[[Path],
     ``write(folder)`` fills a temporary folder, which is renamed to ``root/name``; then ``root/latest.json`` is
     pointed at it in one atomic write, and only then are older checkpoints removed.
     """
-    import json
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     target = root / name
