@@ -182,7 +182,10 @@ def normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool = True, system_prompt: str | None = None) -> str:
-    """The text the model sees: the chat template (when the tokenizer has one and ``chat``), else the raw text."""
+    """The text the model sees: the chat template (when the tokenizer has one and ``chat``), else the raw text.
+
+    A conversation whose last message is the assistant's is continued: the answer starts with that message's text
+    (a prefilled opening), and the generated text is what follows it."""
     if not (chat and tokenizer.chat_template):
         if not isinstance(prompt, str):
             return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
@@ -190,6 +193,8 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
+    if messages[-1]["role"] == "assistant":
+        return tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=False)
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 

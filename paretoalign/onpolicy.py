@@ -43,8 +43,29 @@ class SampleConfig:
     limit: int | None = field(default=None, metadata={"help": "sample the first N prompts only"})
     batch_size: int = field(default=32, metadata={"help": "replies decoded together"})
     backbone: str | None = field(default=None, metadata={"help": "backbone id or path (default: the offline SmolLM2)"})
+    system_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "a system message the backbone sees while sampling (e.g. one asking it to decline harmful requests); "
+            "the replies are stored, and trained on, under the plain prompt"
+        },
+    )
+
+    reply_prefixes: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "openings the replies start with (reply i of a prompt takes prefix i modulo their number); the "
+            "backbone writes the rest, and the stored reply is opening + continuation"
+        },
+    )
 
     def __post_init__(self):
+        if self.reply_prefixes is not None:
+            if isinstance(self.reply_prefixes, str) or not self.reply_prefixes or not all(
+                isinstance(prefix, str) and prefix.strip() for prefix in self.reply_prefixes
+            ):
+                raise ValueError(f"reply_prefixes must be a non-empty list of non-empty strings, got {self.reply_prefixes!r}")
+            self.reply_prefixes = list(self.reply_prefixes)
         for name in ("k", "max_new_tokens", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -77,6 +98,9 @@ def read_replies(directory: str | os.PathLike) -> list[dict]:
 
 def _settings(config: SampleConfig, model) -> dict:
     settings = {key: value for key, value in asdict(config).items() if key not in ("out", "batch_size", "limit", "backbone")}
+    for name in ("system_prompt", "reply_prefixes"):
+        if settings[name] is None:
+            del settings[name]  # folders sampled without them read the same as before the options existed
     settings.update(
         format=FORMAT_VERSION,
         backbone=model.config.backbone,
@@ -85,6 +109,19 @@ def _settings(config: SampleConfig, model) -> dict:
         method="base",
     )
     return settings
+
+
+def _prefix(prefixes: list[str] | None, index: int) -> str:
+    return prefixes[index % len(prefixes)] if prefixes else ""
+
+
+def _row(prompt, prefixes: list[str] | None, index: int):
+    """What the backbone continues for reply ``index``: the prompt, or the prompt with the reply's opening as a
+    started assistant message."""
+    if not prefixes:
+        return prompt
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return [*messages, {"role": "assistant", "content": _prefix(prefixes, index)}]
 
 
 def sample_replies(config: SampleConfig, model=None, progress: bool = True) -> dict:
@@ -114,12 +151,12 @@ def sample_replies(config: SampleConfig, model=None, progress: bool = True) -> d
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="sampling replies", disable=not progress)
     for start in range(0, len(todo), per_batch):
         batch = todo[start : start + per_batch]
-        rows = [prompt.prompt for prompt in batch for _ in range(config.k)]
+        rows = [_row(prompt.prompt, config.reply_prefixes, index) for prompt in batch for index in range(config.k)]
         seeds = [row_seed(config.seed, f"{prompt.id}:{index}") for prompt in batch for index in range(config.k)]
         with torch.no_grad():
             answers = generate(
                 model, rows, [1.0 / model.config.num_objectives] * model.config.num_objectives, method="base", max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature, top_p=config.top_p, seed=seeds,
+                temperature=config.temperature, top_p=config.top_p, seed=seeds, system_prompt=config.system_prompt,
             )
         lines = []
         for i, prompt in enumerate(batch):
@@ -129,7 +166,7 @@ def sample_replies(config: SampleConfig, model=None, progress: bool = True) -> d
                     "prompt_id": prompt.id,
                     "prompt": prompt.prompt,
                     "source": sources.get(prompt.id),
-                    "replies": [answer.text for answer in mine],
+                    "replies": [_prefix(config.reply_prefixes, index) + answer.text for index, answer in enumerate(mine)],
                     "finish": [answer.finish_reason for answer in mine],
                     "seeds": seeds[i * config.k : (i + 1) * config.k],
                 }

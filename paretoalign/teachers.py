@@ -12,7 +12,7 @@ teacher costs a few seconds on a CPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -92,14 +92,14 @@ def calibrate_threshold(margins: np.ndarray, target_accuracy: float, min_kept: f
 
 @dataclass
 class OnPolicyGroup:
-    """The ``k`` sampled replies of one prompt: their sequences in the feature cache."""
+    """The sampled replies of one prompt (from every folder that sampled it): their sequences in the feature cache."""
 
     rows: np.ndarray  # (k,) sequence indices
     prompt_length: int
     source: str | None  # the prompt's data source (e.g. "harmless-base"), which says whether it is a red-team prompt
     texts: list[str]  # the replies, to skip pairs of identical replies
     prompt_id: str = ""
-    folder: str = ""
+    folders: list[str] = field(default_factory=list)  # the sampling folder of each reply
 
 
 def fit_teachers(features: dict, val_features: dict, names, target_accuracy: float, l2: float = 0.1) -> tuple[dict, dict]:

@@ -318,10 +318,12 @@ def add_pair_sequences(collator: PreferenceCollator, pairs: list[PreferencePair]
 
 def add_onpolicy_sequences(collator: PreferenceCollator, folders: list[str], sequences: list[list[int]]) -> list[OnPolicyGroup]:
     """Tokenize the sampled replies of ``folders`` (prompt + reply, no eos after a reply cut off by the length
-    limit), append them to ``sequences``, and say where each prompt's replies went."""
+    limit), append them to ``sequences``, and say where each prompt's replies went: one group per prompt, holding
+    its replies from every folder (e.g. free replies and replies sampled from a declining opening), so pairs form
+    across folders too."""
     from .onpolicy import read_replies
 
-    groups = []
+    groups: dict[str, OnPolicyGroup] = {}
     for folder in folders:
         lines = read_replies(folder)
         if not lines:
@@ -334,10 +336,11 @@ def add_onpolicy_sequences(collator: PreferenceCollator, folders: list[str], seq
             for reply, finish in zip(line["replies"], line["finish"]):
                 rows.append(len(sequences))
                 sequences.append(prompt_ids + (collator.response_ids(reply, budget, eos=finish == "eos") or [collator.tokenizer.eos_token_id]))
-            groups.append(
-                OnPolicyGroup(np.array(rows), len(prompt_ids), line.get("source"), list(line["replies"]), line["prompt_id"], str(folder))
-            )
-    return groups
+            group = groups.setdefault(line["prompt_id"], OnPolicyGroup(np.zeros(0, dtype=np.int64), len(prompt_ids), line.get("source"), [], line["prompt_id"]))
+            group.rows = np.concatenate([group.rows, np.array(rows, dtype=np.int64)])
+            group.texts += list(line["replies"])
+            group.folders += [str(folder)] * len(rows)
+    return list(groups.values())
 
 
 def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = True) -> PreparedData:
@@ -400,7 +403,9 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
                 span = slice(start, start + len(group.rows))
                 start += len(group.rows)
                 scores = {name: [round(float(r), 4) for r in values[span]] for name, values in rewards.items()}
-                onpolicy_scores.append({"folder": group.folder, "prompt_id": group.prompt_id, "source": group.source, "teacher_rewards": scores})
+                onpolicy_scores.append(
+                    {"folders": group.folders, "prompt_id": group.prompt_id, "source": group.source, "teacher_rewards": scores}
+                )
     return PreparedData(cache, train_index, indices["validation"], block_cache, block_layer, candidates, report, conflicts, onpolicy_scores)
 
 

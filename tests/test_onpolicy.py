@@ -51,6 +51,26 @@ def test_sampling_writes_k_replies_per_prompt_and_resumes(make_model, tmp_path, 
         SampleConfig(prompts=str(prompts), out=str(tmp_path / "x"), k=1)
 
 
+def test_replies_sampled_from_an_opening_start_with_it_and_record_it(make_model, tmp_path):
+    from paretoalign.generation import render_prompt
+
+    model = make_model(randomize=False)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 2)
+    opening = ["I'm sorry, but", "Sure"]
+    config = SampleConfig(prompts=str(prompts), out=str(tmp_path / "openings"), k=3, max_new_tokens=5, reply_prefixes=opening)
+    sample_replies(config, model, progress=False)
+    for line in read_replies(config.out):
+        assert [reply[: len(opening[i % 2])] for i, reply in enumerate(line["replies"])] == [opening[0], opening[1], opening[0]]
+    assert json.loads((Path(config.out) / "replies.json").read_text())["reply_prefixes"] == opening
+    # the backbone continues the started assistant message instead of opening a new one
+    rendered = render_prompt(model.tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "I'm sorry, but"}])
+    assert rendered.endswith("I'm sorry, but") and rendered.startswith(render_prompt(model.tokenizer, "Hi"))
+    with pytest.raises(ValueError, match="reply_prefixes must be a non-empty list"):
+        SampleConfig(prompts=str(prompts), out=str(tmp_path / "x"), reply_prefixes=["ok", " "])
+    with pytest.raises(ValueError, match="reply_prefixes must be a non-empty list"):
+        SampleConfig(prompts=str(prompts), out=str(tmp_path / "x"), reply_prefixes="I'm sorry")
+
+
 def in_memory_cache(states: list[np.ndarray]) -> FeatureCache:
     """A cache of one-token prompts (state 0) and replies whose states are ``states[i]`` ``(L, d)``."""
     hidden = [np.concatenate([np.zeros((1, s.shape[1])), s]) for s in states]
@@ -139,6 +159,17 @@ def test_onpolicy_pairs_join_training_and_reuse_the_cache(backbone, tokenizer, m
         assert added == sum(entry[f"kept_{name}"] for entry in report.values())
         assert np.all(data.train[name].chosen[len(plain.train[name].chosen) :] >= len(plain.cache))  # the sampled replies
     assert len(data.candidates.offsets) == len(data.cache) + 1
+    # a second folder sampling the same prompts joins each prompt's group, so pairs form across the two folders
+    openings = tmp_path / "openings"
+    sample_replies(
+        SampleConfig(prompts=str(prompts), out=str(openings), k=2, max_new_tokens=8, reply_prefixes=["I can't"]), make_model(randomize=False), progress=False
+    )
+    both = prepare_data(TrainConfig(**settings, onpolicy=[str(folder), str(openings)]), model, progress=False)
+    assert len(both.onpolicy_scores) == 6
+    assert all(line["folders"] == [str(folder)] * 3 + [str(openings)] * 2 for line in both.onpolicy_scores)
+    assert all(len(values) == 5 for line in both.onpolicy_scores for values in line["teacher_rewards"].values())
+    assert sum(entry["pairs"] for entry in both.teacher_report["onpolicy"].values()) <= 6 * 10
+    assert sum(entry["pairs"] for entry in both.teacher_report["onpolicy"].values()) > sum(entry["pairs"] for entry in report.values()) + 6
     with pytest.raises(ValueError, match="onpolicy_sources must map objectives"):
         TrainConfig(**settings, onpolicy_sources={"honesty": []})
     with pytest.raises(ValueError, match="holds no sampled replies"):
