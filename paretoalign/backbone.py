@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -18,6 +19,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from .files import atomic_directory
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Without transformers' per-tensor "Loading weights" progress bar (a small model loads in well under a
+    second; the bar is noise in a terminal, a log or a notebook). The previous setting comes back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
 CACHE_ENV = "PARETOALIGN_CACHE"
@@ -80,8 +96,9 @@ def convert_gguf(name: str) -> Path:
     logger.warning("converting %s to a safetensors cache in %s (once; takes a few seconds)", gguf_path.name, target)
 
     def build(tmp: Path) -> None:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained; rebuild it from a config without the quantization entry.
         config = loaded.config
         if hasattr(config, "quantization_config"):
@@ -132,7 +149,8 @@ def load_backbone(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     path = resolve_backbone_path(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     freeze(model.to(device))
     model.name_or_path = name_or_path
     return model, load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .features import FeatureCache
-from .files import atomic_directory
+from .features import FeatureCache, _layout_problem
+from .files import atomic_directory, load_array, read_json_object
 
 META_NAME = "candidates.json"
 
@@ -62,8 +62,16 @@ class CandidateCache:
         directory = Path(directory)
         if not (directory / META_NAME).is_file():
             raise FileNotFoundError(f"no candidate cache in {str(directory)!r}")
-        load = lambda name: np.load(directory / name, mmap_mode="r", allow_pickle=False)  # noqa: E731
-        return cls(directory, load("ids.npy"), load("logprobs.npy"), load("tail.npy"), load("offsets.npy"))
+        read_json_object(directory / META_NAME, "candidate cache file")
+        ids, logprobs, tail, offsets = (
+            load_array(directory / name, "candidate cache file") for name in ("ids.npy", "logprobs.npy", "tail.npy", "offsets.npy")
+        )
+        problem = _layout_problem(offsets, {"tail.npy": tail}, {"ids.npy": ids, "logprobs.npy": logprobs})
+        if problem is None and ids.shape[1] < logprobs.shape[1]:
+            problem = f"ids.npy has {ids.shape[1]} columns for {logprobs.shape[1]} candidates"
+        if problem:
+            raise ValueError(f"candidate cache {str(directory)!r} is damaged: {problem}; delete the folder to rebuild it")
+        return cls(directory, ids, logprobs, tail, offsets)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -24,8 +25,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .files import atomic_write
+from .files import atomic_write, load_array, read_json_object
 from .model import DualHeadModel, backbone_forward
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -87,16 +90,35 @@ class FeatureCache:
 
     @classmethod
     def open(cls, directory: str | os.PathLike) -> "FeatureCache":
+        """The complete cache in ``directory``, its files checked against each other (a damaged one raises
+        ``ValueError`` naming it; deleting the folder makes the next build recompute it)."""
         directory = Path(directory)
         meta = _read_json(directory / "meta.json")
         if not meta or not meta.get("complete"):
             raise FileNotFoundError(f"no complete feature cache in {str(directory)!r}")
-        load = lambda name, mode: np.load(directory / name, mmap_mode=mode, allow_pickle=False)  # noqa: E731
-        return cls(directory, load("tokens.npy", "r"), load("hidden.npy", "r"), load("offsets.npy", "r"))
+        tokens, hidden, offsets = (load_array(directory / name, "feature cache file") for name in ("tokens.npy", "hidden.npy", "offsets.npy"))
+        problem = _layout_problem(offsets, {"tokens.npy": tokens}, {"hidden.npy": hidden}, meta.get("sequences"))
+        if problem is None and hidden.shape[1] != meta.get("hidden_size", hidden.shape[1]):
+            problem = f"hidden.npy holds {hidden.shape[1]}-wide states, meta.json says {meta['hidden_size']}"
+        if problem:
+            raise ValueError(f"feature cache {str(directory)!r} is damaged: {problem}; delete the folder to rebuild it")
+        return cls(directory, tokens, hidden, offsets)
+
+
+def _layout_problem(offsets: np.ndarray, flat: dict, rows: dict, sequences: int | None = None) -> str | None:
+    """What is inconsistent in a packed cache (``offsets`` into arrays ``flat`` (N,) and ``rows`` (N, w)), or None."""
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or (np.diff(offsets) < 0).any():
+        return "offsets.npy is not a list of increasing positions from 0"
+    if sequences is not None and len(offsets) - 1 != sequences:
+        return f"offsets.npy holds {len(offsets) - 1} sequences, meta.json says {sequences}"
+    for name, array in [*flat.items(), *rows.items()]:
+        if array.ndim != (1 if name in flat else 2) or array.shape[0] != offsets[-1]:
+            return f"{name} has shape {tuple(array.shape)}, the offsets need {int(offsets[-1])} rows"
+    return None
 
 
 def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json_object(path, "feature cache file") if path.is_file() else None
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -126,10 +148,14 @@ def _copy_from_donors(root: Path, directory: Path, header: dict, digests: list[b
     pending = np.ones(len(digests), dtype=bool)
     where = {digest: i for i, digest in enumerate(digests)}
     for donor_dir in sorted(root.iterdir()) if root.is_dir() else []:
-        meta = _read_json(donor_dir / "meta.json") if donor_dir != directory and donor_dir.is_dir() else None
-        if not meta or not meta.get("complete") or meta.get("header", header) != header:
+        try:
+            meta = _read_json(donor_dir / "meta.json") if donor_dir != directory and donor_dir.is_dir() else None
+            if not meta or not meta.get("complete") or meta.get("header", header) != header:
+                continue
+            donor = FeatureCache.open(donor_dir)
+        except (ValueError, FileNotFoundError) as error:
+            logger.warning("not reusing another feature cache: %s", error)  # a damaged neighbour costs a recompute, not the build
             continue
-        donor = FeatureCache.open(donor_dir)
         donor_tokens = [donor.tokens[donor.offsets[i] : donor.offsets[i + 1]] for i in range(len(donor))]
         if "header" not in meta and _key(header, donor_tokens) != donor_dir.name:
             continue  # a cache written before headers were recorded: its name proves what it was built from

@@ -98,6 +98,20 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu", what: str = "
         raise ValueError(f"{what} {str(path)!r} is damaged ({str(error).splitlines()[0][:120]})") from None
 
 
+def load_array(path: str | os.PathLike, what: str = "cache file", mmap_mode: str | None = "r"):
+    """A ``.npy`` array, memory-mapped by default and never unpickled; a missing, cut-short or foreign file raises
+    one clear error naming it."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"{what} {str(path)!r} is damaged ({str(error).splitlines()[0][:120]})") from None
+
+
 LATEST_NAME = "latest.json"
 
 

@@ -110,3 +110,56 @@ def test_a_damaged_train_config_names_the_file(tmp_path, capsys):
         main(["train", "--config", str(config)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"train config {str(config)!r} is not valid JSON" in err
+
+
+def cache_file_damages():
+    """(file, damage) for the files of a feature cache; each leaves a cache that must not be read as complete."""
+
+    def wrong_shape(path: Path) -> None:
+        import numpy as np
+
+        array = np.load(path)
+        np.save(path, array[: max(1, len(array) - 2)])
+
+    return [
+        ("meta.json", garbage),
+        ("hidden.npy", truncate),
+        ("hidden.npy", garbage),
+        ("tokens.npy", wrong_shape),
+        ("offsets.npy", wrong_shape),
+    ]
+
+
+@pytest.mark.parametrize(("name", "damage"), cache_file_damages(), ids=lambda value: getattr(value, "__name__", value))
+def test_a_damaged_feature_cache_names_the_file_and_neighbours_skip_it(name, damage, make_model, tmp_path):
+    import numpy as np
+
+    from paretoalign.candidates import CandidateCache, build_candidate_cache
+    from paretoalign.features import FeatureCache, build_feature_cache
+
+    model = make_model(randomize=False)
+    sequences = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    cache = build_feature_cache(model, sequences, tmp_path, progress=False)
+    candidates = build_candidate_cache(model.backbone.get_output_embeddings(), cache, np.array([2, 1, 3]), 4, progress=False)
+    damage(cache.directory / name)
+    with pytest.raises(ValueError, match=rf"{cache.directory.name}.*(damaged|not valid JSON|not text)"):
+        FeatureCache.open(cache.directory)
+    # another build that could reuse its sequences recomputes them instead, and says why
+    again = build_feature_cache(model, [*sequences, [17, 18]], tmp_path, progress=False)
+    assert json.loads((again.directory / "meta.json").read_text())["reused_sequences"] == 0
+    truncate(candidates.directory / "ids.npy")
+    with pytest.raises(ValueError, match=r"candidate cache file .*ids\.npy.* is damaged"):
+        CandidateCache.open(candidates.directory)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [(b"{not json\n", "not valid JSON"), (b"\xff\xfe\x00\n", "not UTF-8"), (b"[1, 2]\n", "not a row object")],
+)
+def test_a_damaged_sweep_line_names_the_file_and_the_line(line, message, tmp_path):
+    from paretoalign.evaluation.sweep import read_results
+
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(b'{"prompt_id": "a"}\n' + line + b'{"prompt_id": "b"}\n')
+    with pytest.raises(ValueError, match=rf"results\.jsonl: line 2 .*{message}"):
+        read_results(path)

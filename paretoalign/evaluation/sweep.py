@@ -308,9 +308,14 @@ def read_results(path: str | os.PathLike, repair: bool = False) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg}); the file is damaged") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: line {number} is not UTF-8 text; the file is damaged") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {number} holds a JSON {type(row).__name__}, not a row object; the file is damaged")
+        rows.append(row)
     if tail.strip():
         logger.warning("%s: dropping a partly written last line (%d bytes) from an interrupted write", path, len(tail))
         if repair:
