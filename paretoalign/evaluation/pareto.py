@@ -180,14 +180,14 @@ def pareto_mask(points) -> np.ndarray:
 
     ``a`` dominates ``b`` when ``a >= b`` everywhere and ``a > b`` somewhere, so duplicates of a
     non-dominated point are all kept. A 1-D point gives ``[True]``; an empty set gives an empty mask.
+    Delegated to pymoo's non-dominated sorting (which minimises: it sorts the negated rewards).
     """
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
     points = _as_points("points", points)  # (n, k)
-    mask = np.ones(len(points), dtype=bool)  # (n,)
-    # O(n^2 k) time and O(n k) memory: fronts here are small preference sweeps.
-    for i, point in enumerate(points):
-        at_least = np.all(points >= point, axis=1)  # (n,)
-        better = np.any(points > point, axis=1)  # (n,)
-        mask[i] = not np.any(at_least & better)
+    mask = np.zeros(len(points), dtype=bool)  # (n,)
+    if len(points):
+        mask[NonDominatedSorting().do(-points, only_non_dominated_front=True)] = True
     return mask
 
 
