@@ -67,7 +67,9 @@ def _user_message(error: Exception) -> gr.Error:
 def build_demo(
     objectives: list[str] | None = None, methods: list[str] | None = None, sweep: str | os.PathLike | None = None
 ) -> gr.Blocks:
-    """The app as a ``gr.Blocks`` with its queue set up (one generation at a time); call ``.launch()`` on it.
+    """The app as a ``gr.Blocks`` with its queue set up; call ``.launch()`` on it. Answers are decoded by the shared
+    batch server (:func:`paretoalign.ui.serve_answers`): users who wait at the same time share one decoding batch of
+    up to :func:`paretoalign.ui.max_batch` answers (``--max-batch``; 1 answers one request at a time).
 
     Args:
         objectives: what the sliders stand for (default: the model's, see :func:`paretoalign.ui.app_objectives`).
@@ -92,7 +94,7 @@ def build_demo(
         try:
             preference = ui.preference_from_sliders(weights, objectives)
             request = ui.make_request(prompt, [preference], *settings, objectives, methods)
-            for (partial,) in ui.stream_answers(request):
+            for (partial,) in ui.serve_answers(request):
                 yield partial.text, (request, partial)
         except Exception as error:  # noqa: BLE001
             raise _user_message(error) from None
@@ -111,7 +113,7 @@ def build_demo(
         try:
             rows = [ui.parse_weights(text, objectives, f"preference {n}") for n, text in enumerate(texts, start=1)]
             request = ui.make_request(prompt, rows, *settings, objectives, methods)
-            for partial in ui.stream_answers(request):
+            for partial in ui.serve_answers(request):
                 yield *(g.text for g in partial), (request, partial)
         except Exception as error:  # noqa: BLE001
             raise _user_message(error) from None
@@ -209,6 +211,7 @@ def build_demo(
             outputs=[answer, last_answer],
             api_name="generate",
             concurrency_id="model",
+            concurrency_limit=ui.max_batch(),
         ).success(generate_details, last_answer, [gate, scores, plot, scores_note], api_name="generate_details")
         gr.on(
             [compare_run.click, compare_prompt.submit],
@@ -217,6 +220,7 @@ def build_demo(
             outputs=[*compare_answers, last_compare],
             api_name="compare",
             concurrency_id="model",
+            concurrency_limit=ui.max_batch(),
         ).success(compare_details, last_compare, [compare_scores, compare_note], api_name="compare_details")
 
     return demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
@@ -227,7 +231,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=None, help="address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT, else 7860)")
     parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (needs the network)")
+    parser.add_argument(
+        "--max-batch", type=int, default=ui.max_batch(),
+        help=f"answers that users waiting at the same time share one decoding batch with (default {ui.max_batch()}; 1: one at a time)",
+    )
     args = parser.parse_args(argv)
+    if args.max_batch < 1:
+        parser.error(f"--max-batch must be at least 1, got {args.max_batch}")
+    ui.set_max_batch(args.max_batch)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("paretoalign").setLevel(logging.INFO)
     ui.ensure_offline_backbone()

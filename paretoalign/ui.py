@@ -26,6 +26,7 @@ from .generation import Generation, stream_generate
 from .methods import METHODS, build_decoder
 from .model import CONFIG_NAME, DualHeadModel, default_checkpoint, load_model
 from .preference import DEFAULT_OBJECTIVES
+from .serving import BatchServer
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ GATE_BANDS = ("α 0–0.2", "α 0.2–0.4", "α 0.4–0.6", "α 0.6–0.8", "α 
 GATE_COLORS = dict(zip(GATE_BANDS, ("#fff5eb", "#fdd0a2", "#fdae6b", "#fd8d3c", "#e6550d")))
 
 _lock = threading.Lock()
+_server: BatchServer | None = None
+_max_batch = 16  # answers per shared decoding batch (app/app.py --max-batch)
 _model: DualHeadModel | None = None
 _scorer = None
 _scorer_problem: str | None = None
@@ -347,6 +350,35 @@ def stream_answers(request: Request, model: DualHeadModel | None = None) -> Iter
         temperature=request.temperature,
         seed=request.seed,
     )
+
+
+def batch_server() -> BatchServer:
+    """The app's shared :class:`~paretoalign.serving.BatchServer` (created on first use, on :func:`get_model`)."""
+    global _server
+    with _lock:
+        if _server is None:
+            _server = BatchServer(get_model, max_rows=_max_batch)
+        return _server
+
+
+def set_max_batch(rows: int) -> None:
+    """How many answers concurrent users may share one decoding batch with (1: one request at a time)."""
+    global _server, _max_batch
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"max batch must be a positive integer, got {rows!r}")
+    with _lock:
+        _max_batch, _server = rows, None
+
+
+def max_batch() -> int:
+    return _max_batch
+
+
+def serve_answers(request: Request) -> Iterator[list[Generation]]:
+    """Like :func:`stream_answers`, but through the shared batch server: requests of users waiting at the same
+    time decode together (see :mod:`paretoalign.serving`)."""
+    check_prompt_tokens(request.prompt, get_model().tokenizer)
+    yield from batch_server().stream(request)
 
 
 def gate_category(alpha: float) -> str:
