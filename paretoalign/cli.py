@@ -19,7 +19,10 @@ def _add_generate(subparsers) -> None:
     parser.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES), help="objective names the weights refer to, in order")
     parser.add_argument("--checkpoint", default=None, help="Dual-Head checkpoint directory (default: the shipped one)")
     parser.add_argument("--backbone", default=None, help="backbone id or path, when not loading it from a checkpoint")
-    parser.add_argument("--method", default="dualhead", choices=["dualhead", "base"])
+    parser.add_argument(
+        "--method", default="dualhead",
+        help="a registered decoding method: dualhead (default), base, or a baseline (genarm, parm, args, dualhead-unconditioned)",
+    )
     parser.add_argument("--fusion", default=None, choices=["gate", "genarm"], help="default: the checkpoint's")
     parser.add_argument("--strength", type=float, default=None, help="steering strength (default: the checkpoint's)")
     parser.add_argument("--guidance-top-k", type=int, default=None, help="steer within the base model's top-k tokens (default: the checkpoint's; 0: all)")
@@ -41,7 +44,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from .generation import check_prompt, generate, stream_generate
     from .model import load_model
 
+    from .methods import get_method
+
     check_prompt(args.prompt, "--prompt")  # before the model loads
+    get_method(args.method)
     objectives = parse_objectives(args.objectives)
     weights = parse_preference(args.preference, objectives)
     model = load_model(args.checkpoint, args.backbone, args.device, trust_remote_code=args.trust_remote_code)

@@ -343,12 +343,11 @@ def prepare_batch(model: DualHeadModel, prompts, preference, chat: bool = True, 
 def make_decoder(
     model: DualHeadModel, method: str = "dualhead", fusion: str | None = None, strength: float | None = None, guidance_top_k: int | None = None
 ) -> Decoder:
-    """The decoder for ``method``: ``dualhead`` (fused heads) or ``base`` (the frozen backbone alone)."""
-    if method == "dualhead":
-        return DualHeadDecoder(model, fusion, strength, guidance_top_k)
-    if method == "base":
-        return BaseDecoder(model.backbone)
-    raise ValueError(f"method must be 'dualhead' or 'base', got {method!r}")
+    """The decoder for ``method``, any name of the registry in :mod:`paretoalign.methods` (``dualhead``, ``base``,
+    ``genarm``, ``parm``, ``args``, ...); an unknown name raises ``ValueError`` listing the registered ones."""
+    from .methods import build_decoder  # the registry imports this module
+
+    return build_decoder(method, model, fusion=fusion, strength=strength, guidance_top_k=guidance_top_k)
 
 
 def _runs(model, prompts, preference, method, fusion, strength, guidance_top_k, chat, system_prompt, decoder, sampling) -> Iterator[GenerationRun]:
@@ -402,7 +401,8 @@ def generate(
         prompts: a string, one chat (a list of ``{"role", "content"}`` messages), or a list of either.
         preference: ``(k,)`` shared by all rows, ``(B, k)`` one per row, or ``(P, k)`` with a single prompt
             to sweep ``P`` preferences in one batch.
-        method: ``dualhead`` or ``base``; ``decoder`` overrides it with any :class:`Decoder`.
+        method: a registered method (:mod:`paretoalign.methods`: ``dualhead``, ``base``, ``genarm``, ...); ``decoder``
+            overrides it with any :class:`Decoder`.
         fusion, strength, guidance_top_k: override the model's defaults (``gate``/``genarm``; steering strength; steer
             within the base model's top-k tokens, 0: all).
         sampling: ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``seed`` (an int,

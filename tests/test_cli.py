@@ -120,3 +120,15 @@ def test_sample_replies_command(capsys, tiny_dir, tmp_path):
     with pytest.raises(SystemExit):
         main([*argv[:-1], "--k", "1"])
     assert "k must be at least 2 (pairs need two replies of a prompt), got 1" in capsys.readouterr().err
+
+
+def test_generate_runs_every_registered_method(capsys, tiny_checkpoint, baseline_checkpoints):
+    common = ["--prompt", "Hi", "--preference", "0.3,0.7", "--checkpoint", tiny_checkpoint, "--max-new-tokens", "4", "--temperature", "0"]
+    for method in ("genarm", "parm", "args"):
+        out = run_json(capsys, *common, "--method", method)
+        assert out["method"] == method and out["token_ids"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", *common, "--method", "beam"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "unknown method 'beam'" in error and "genarm" in error and "Traceback" not in error

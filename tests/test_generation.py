@@ -126,7 +126,7 @@ def test_chat_messages_are_accepted(make_model):
         ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),
         ({"temperature": -1.0}, "temperature must be >= 0 .* got -1.0"),
         ({"top_p": 1.5}, "top_p must be in \\(0, 1\\], got 1.5"),
-        ({"method": "beam"}, "method must be 'dualhead' or 'base', got 'beam'"),
+        ({"method": "beam"}, "unknown method 'beam'; registered methods are"),
     ],
 )
 def test_bad_generation_arguments(make_model, kwargs, message):
