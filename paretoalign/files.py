@@ -112,6 +112,46 @@ def load_array(path: str | os.PathLike, what: str = "cache file", mmap_mode: str
         raise ValueError(f"{what} {str(path)!r} is damaged ({str(error).splitlines()[0][:120]})") from None
 
 
+OPTIMIZER_NAME = "optimizer.safetensors"
+TRAINER_STATE_NAME = "trainer_state.json"
+
+
+def write_optimizer_state(directory: str | os.PathLike, optimizer, scheduler, step: int) -> None:
+    """An optimizer's moments (safetensors) and its counters, param groups and the scheduler (JSON), written
+    atomically into ``directory``: the part of a resumable training state every trainer shares."""
+    from safetensors.torch import save_file
+    import torch
+
+    directory = Path(directory)
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, slot in state["state"].items():
+        for key, value in slot.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    atomic_write(directory / OPTIMIZER_NAME, lambda tmp: save_file(tensors, tmp))
+    meta = {"step": step, "param_groups": state["param_groups"], "scalars": scalars, "scheduler": scheduler.state_dict()}
+    atomic_write(directory / TRAINER_STATE_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+
+
+def read_optimizer_state(directory: str | os.PathLike, optimizer, scheduler, device: str = "cpu") -> int:
+    """Restore what :func:`write_optimizer_state` wrote (checked readers, never unpickled); returns the step."""
+    directory = Path(directory)
+    meta = read_json_object(directory / TRAINER_STATE_NAME, "training state")
+    missing = [key for key in ("step", "param_groups", "scalars", "scheduler") if key not in meta]
+    if missing:
+        raise ValueError(f"training state {str(directory / TRAINER_STATE_NAME)!r} lacks {missing}: the file is damaged")
+    slots: dict[int, dict] = {}
+    for key, value in [*read_safetensors(directory / OPTIMIZER_NAME, device, "optimizer state").items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        slots.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    return int(meta["step"])
+
+
 LATEST_NAME = "latest.json"
 
 

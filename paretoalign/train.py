@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -29,7 +28,7 @@ from .backbone import DEFAULT_BACKBONE, cache_dir, load_backbone
 from .data import PreferenceCollator, PreferencePair, load_default_pairs, split_pools
 from .candidates import CandidateBatch, CandidateCache, build_candidate_cache
 from .features import FeatureCache, build_feature_cache
-from .files import atomic_write, latest_checkpoint, read_json_object, read_safetensors, write_checkpoint
+from .files import atomic_write, latest_checkpoint, read_json_object, read_optimizer_state, read_safetensors, write_checkpoint, write_optimizer_state
 from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss, sample_preference
 from .model import DualHeadConfig, DualHeadModel
 from .objective import PairBatch, join_pair_batches, score_pairs
@@ -583,32 +582,14 @@ def save_training_state(directory: Path, model: DualHeadModel, optimizer, schedu
     """A resumable checkpoint: trainable weights, AdamW moments (safetensors) and counters (JSON)."""
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
-    state = optimizer.state_dict()
-    tensors, slots = {}, {}
-    for index, slot in state["state"].items():
-        for key, value in slot.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                slots[f"{index}.{key}"] = value
-    atomic_write(directory / "optimizer.safetensors", lambda tmp: save_file(tensors, tmp))
-    meta = {"step": step, "param_groups": state["param_groups"], "scalars": slots, "scheduler": scheduler.state_dict()}
-    atomic_write(directory / "trainer_state.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    write_optimizer_state(directory, optimizer, scheduler, step)
 
 
 def load_training_state(directory: Path, model: DualHeadModel, optimizer, scheduler) -> int:
     """Restore what :func:`save_training_state` wrote; returns the step to continue from."""
-    meta = read_json_object(directory / "trainer_state.json", "training state")
     weights = directory / "dualhead_model.safetensors"
     model.load_trainable_state_dict(read_safetensors(weights, str(model.device), "checkpoint weights"), str(directory))
-    tensors = read_safetensors(directory / "optimizer.safetensors", str(model.device), "optimizer state")
-    slots: dict[int, dict] = {}
-    for key, value in [*tensors.items(), *meta["scalars"].items()]:
-        index, name = key.split(".", 1)
-        slots.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    return int(meta["step"])
+    return read_optimizer_state(directory, optimizer, scheduler, str(model.device))
 
 
 def machine_description(device: torch.device) -> str:

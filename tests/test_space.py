@@ -9,7 +9,6 @@ It installs the runtime requirements into a new venv (pip's cache makes that a c
 import os
 import socket
 import subprocess
-import sys
 import time
 import venv
 from pathlib import Path

@@ -28,7 +28,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ..backbone import DEFAULT_BACKBONE, cache_dir, load_backbone
 from ..data import PreferenceCollator, load_default_pairs, split_pools
 from ..features import build_feature_cache
-from ..files import atomic_write, latest_checkpoint, read_json_object, read_safetensors, write_checkpoint
+from ..files import atomic_write, latest_checkpoint, read_optimizer_state, read_safetensors, write_checkpoint, write_optimizer_state
 from ..losses import arm_preference_loss
 from ..model import DualHeadConfig, DualHeadModel
 from ..objective import PairBatch, join_pair_batches
@@ -242,22 +242,11 @@ def save_arm_state(directory: Path, arm, optimizer, scheduler, step: int) -> Non
     directory.mkdir(parents=True, exist_ok=True)
     adapters = {name: p.detach().to("cpu").contiguous() for name, p in adapter_parameters(arm).items()}
     atomic_write(directory / "adapter.safetensors", lambda tmp: save_file(adapters, tmp))
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, slot in state["state"].items():
-        for key, value in slot.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    atomic_write(directory / "optimizer.safetensors", lambda tmp: save_file(tensors, tmp))
-    meta = {"step": step, "param_groups": state["param_groups"], "scalars": scalars, "scheduler": scheduler.state_dict()}
-    atomic_write(directory / "trainer_state.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    write_optimizer_state(directory, optimizer, scheduler, step)
 
 
 def load_arm_state(directory: Path, arm, optimizer, scheduler) -> int:
     """Restore what :func:`save_arm_state` wrote; returns the step to continue from."""
-    meta = read_json_object(directory / "trainer_state.json", "training state")
     device = str(arm_device(arm))
     adapters = read_safetensors(directory / "adapter.safetensors", device, "ARM weights")
     parameters = adapter_parameters(arm)
@@ -266,13 +255,7 @@ def load_arm_state(directory: Path, arm, optimizer, scheduler) -> int:
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.copy_(adapters[name])
-    slots: dict[int, dict] = {}
-    for key, value in [*read_safetensors(directory / "optimizer.safetensors", device, "optimizer state").items(), *meta["scalars"].items()]:
-        index, name = key.split(".", 1)
-        slots.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    return int(meta["step"])
+    return read_optimizer_state(directory, optimizer, scheduler, device)
 
 
 # ---------------------------------------------------------------------------------------------- the run
