@@ -28,7 +28,6 @@ from paretoalign.evaluation.scorer_training import (
     EmbeddingCache,
     EncodedPairs,
     ScorerTrainConfig,
-    bradley_terry_loss,
     embed_texts,
     fit_head,
     hh_splits,
@@ -254,12 +253,6 @@ def test_scorer_config_validates_and_round_trips(tmp_path):
 
 
 # --- training pieces ---------------------------------------------------------------------------------------------
-
-
-def test_bradley_terry_loss_by_hand():
-    loss = bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]))
-    expected = (-math.log(1 / (1 + math.exp(-1.0))) + math.log(2.0)) / 2  # -log sigmoid(1), -log sigmoid(0)
-    assert loss.item() == pytest.approx(expected)
 
 
 def test_pairwise_accuracy_counts_ties_as_half():

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data import PKU_SOURCE, SPLIT_NAMES, PreferencePair, load_default_pairs, split_pools
 from ..files import atomic_write
+from ..losses import arm_preference_loss
 from .rewards import (
     DEFAULT_FEATURES,
     DEFAULT_SCORER_DIR,
@@ -163,15 +163,6 @@ def encoder_cache_name(max_seq_length: int) -> str:
 # ---------------------------------------------------------------------------------------------- heads
 
 
-def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
-    """Mean ``-log sigmoid(r_chosen - r_rejected)`` over pairs ``(n,)``: the Bradley–Terry negative log-likelihood."""
-    if chosen_rewards.shape != rejected_rewards.shape:
-        raise ValueError(
-            f"chosen and rejected rewards must have one shape, got {tuple(chosen_rewards.shape)} and {tuple(rejected_rewards.shape)}"
-        )
-    return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
-
-
 def longer_reply_accuracy(pairs: Sequence[PreferencePair]) -> float:
     """The "longer reply wins" baseline: pairwise accuracy of the reply's length in characters."""
     return pairwise_accuracy([len(pair.chosen) for pair in pairs], [len(pair.rejected) for pair in pairs])
@@ -227,7 +218,7 @@ def evaluate_head(head: EmbeddingRewardHead, pairs: EncodedPairs) -> dict:
     head.eval()
     chosen, rejected = head(pairs.chosen), head(pairs.rejected)  # (n,) each
     return {
-        "loss": float(bradley_terry_loss(chosen, rejected)),
+        "loss": float(arm_preference_loss(chosen, rejected)[0]),
         "accuracy": pairwise_accuracy(chosen.numpy(), rejected.numpy()),
         "n": len(pairs),
     }
@@ -252,7 +243,7 @@ def fit_head(
         order = torch.randperm(len(train), generator=generator)
         for start in range(0, len(train), config.batch_pairs):
             batch = order[start : start + config.batch_pairs]
-            loss = bradley_terry_loss(head(train.chosen[batch]), head(train.rejected[batch]))
+            loss, _ = arm_preference_loss(head(train.chosen[batch]), head(train.rejected[batch]))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
