@@ -1,4 +1,4 @@
-"""Training losses as pure functions of tensors: sequence log-probs, ARM preference, LM, gate entropy, PARM weights."""
+"""Training losses as pure functions of tensors: next-token read-outs, ARM preference, gate entropy, PARM weights."""
 
 from __future__ import annotations
 
@@ -68,49 +68,13 @@ def candidate_label_logprobs(
     return shifted[:, 0] - normaliser  # (N,)
 
 
-def token_logprobs(
-    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of each next token, and the response mask shifted with them.
-
-    This is the one place where logits, labels and mask are shifted: the logits at position ``t``
-    predict token ``t + 1``, so ``logits[:, :-1]`` pair with ``input_ids[:, 1:]`` and ``response_mask[:, 1:]``.
-
-    Args:
-        logits: ``(B, T, V)``.
-        input_ids: ``(B, T)``.
-        response_mask: ``(B, T)``, nonzero at the response tokens (the tokens whose probability counts).
-
-    Returns:
-        ``(B, T - 1)`` log-probabilities (0 outside the mask) and the ``(B, T - 1)`` shifted mask in
-        the logits' dtype (float32 for half-precision logits).
-    """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
-    _check_shapes(input_ids=input_ids, response_mask=response_mask)
-    if logits.shape[:2] != input_ids.shape:
-        raise ValueError(f"logits (B, T, V) {tuple(logits.shape)} do not match input_ids (B, T) {tuple(input_ids.shape)}")
-    logits = logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
-    labels, mask = next_token_targets(input_ids, response_mask)  # (B, T-1), (B, T-1)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # log-softmax in half precision loses the small differences the losses compare
-    logprobs = label_logprobs(logits, labels)  # (B, T-1)
-    logprobs = torch.where(mask, logprobs, torch.zeros_like(logprobs))  # (B, T-1)
-    return logprobs, mask.to(logprobs.dtype)
-
-
-def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of log pi(token) over the response tokens: ``(B, T, V)``, ``(B, T)``, ``(B, T)`` -> ``(B,)``."""
-    logprobs, _ = token_logprobs(logits, input_ids, response_mask)  # (B, T-1)
-    return logprobs.sum(-1)  # (B,)
-
-
 def arm_preference_loss(
     chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, beta_r: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The autoregressive-reward-model (GenARM) preference loss: ``mean(-log sigmoid(beta_r (R_c - R_r)))``.
 
-    ``R`` is a response's sum of log pi_r over its tokens (:func:`sequence_logprobs` on the reward logits).
+    ``R`` is a response's sum (or mean) of log pi_r over its tokens (:func:`label_logprobs` at the
+    :func:`next_token_targets`).
 
     Args:
         chosen_rewards, rejected_rewards: ``(B,)``.
@@ -138,24 +102,13 @@ def arm_preference_loss(
     return loss, stats
 
 
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood per response token over the batch (a batch without one gives 0).
-
-    Args:
-        logits: ``(B, T, V)`` (the fused logits over the chosen responses).
-        input_ids, response_mask: ``(B, T)``.
-    """
-    logprobs, mask = token_logprobs(logits, input_ids, response_mask)  # (B, T-1), (B, T-1)
-    return -logprobs.sum() / mask.sum().clamp(min=1.0)
-
-
 def gate_entropy(alpha: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean binary entropy ``H(a) = -a log a - (1 - a) log(1 - a)`` over the masked positions (nats).
 
     ``alpha`` is clamped to ``[eps, 1 - eps]`` so a saturated gate gives a finite value and gradient.
     The gate ``alpha_t`` fuses the logits at position ``t``, which predict token ``t + 1``: to
     average over the positions that generate the response, pass ``alpha[:, :-1]`` with the shifted
-    mask :func:`token_logprobs` returns (``response_mask[:, 1:]``).
+    mask :func:`next_token_targets` returns (``response_mask[:, 1:]``).
 
     Args:
         alpha: ``(B, T)`` gate values in ``[0, 1]``.
@@ -182,7 +135,7 @@ def multi_objective_loss(
     """``L = L_LM + lambda_R * sum_i w_i L_pref_i + L_alpha``.
 
     Args:
-        lm: scalar :func:`lm_loss`.
+        lm: scalar mean negative log-likelihood of the fused logits over the response tokens.
         pref_losses: ``(k,)`` :func:`arm_preference_loss` per objective.
         weights: ``(k,)`` the preference the batch was trained under (a point of the simplex).
         gate_loss: scalar :func:`gate_entropy_loss` (already scaled by lambda_G).

@@ -9,11 +9,10 @@ from paretoalign.losses import (
     arm_preference_loss,
     gate_entropy,
     gate_entropy_loss,
-    lm_loss,
     multi_objective_loss,
     sample_preference,
-    sequence_logprobs,
-    token_logprobs,
+    label_logprobs,
+    next_token_targets,
 )
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
@@ -23,6 +22,17 @@ LN2, LN3 = math.log(2.0), math.log(3.0)
 #   [ln3, 0, 0]   -> (3/5, 1/5, 1/5)
 LOGITS = torch.tensor([[[0.0, 0.0, 0.0], [LN2, 0.0, 0.0], [LN3, 0.0, 0.0], [0.0, 0.0, 0.0]]])  # (1, 4, 3)
 INPUT_IDS = torch.tensor([[0, 1, 2, 0]])  # (1, 4)
+
+
+def token_logprobs(logits, input_ids, response_mask):
+    """The trainers' read-out of response tokens: the shift of ``next_token_targets``, then ``label_logprobs``."""
+    labels, mask = next_token_targets(input_ids, response_mask)  # (B, T-1) each
+    logprobs = label_logprobs(logits[:, :-1], labels)  # (B, T-1)
+    return torch.where(mask, logprobs, torch.zeros_like(logprobs)), mask.to(logprobs.dtype)
+
+
+def sequence_logprobs(logits, input_ids, response_mask):
+    return token_logprobs(logits, input_ids, response_mask)[0].sum(-1)  # (B,)
 
 
 def test_token_logprobs_pair_each_position_with_the_next_token():
@@ -63,31 +73,9 @@ def test_sequence_logprobs_ignores_left_padding_and_matches_a_loop():
     torch.testing.assert_close(sequence_logprobs(logits, input_ids, response_mask), expected)
 
 
-def test_token_logprobs_upcasts_half_precision_logits():
-    mask = torch.tensor([[0, 1, 1, 1]])
-    logprobs, shifted = token_logprobs(LOGITS.bfloat16(), INPUT_IDS, mask)
-    assert logprobs.dtype == shifted.dtype == torch.float32
-    torch.testing.assert_close(logprobs.sum(-1), torch.tensor([-math.log(20.0)]), atol=2e-2, rtol=0)
-
-
-def test_token_logprobs_rejects_mismatched_shapes():
+def test_next_token_targets_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"\(1, 3\)"):
-        token_logprobs(LOGITS, INPUT_IDS, torch.ones(1, 3))
-    with pytest.raises(ValueError, match="logits"):
-        token_logprobs(LOGITS[:, :3], INPUT_IDS, torch.ones(1, 4))
-
-
-def test_lm_loss_is_the_mean_token_nll_over_the_batch():
-    logits = torch.cat([LOGITS, LOGITS])  # (2, 4, 3)
-    input_ids = torch.cat([INPUT_IDS, INPUT_IDS])  # (2, 4)
-    # row 0: one response token (3/5); row 1: three ((1/3)(1/4)(3/5) = 1/20). Four tokens in all.
-    response_mask = torch.tensor([[0, 0, 0, 1], [0, 1, 1, 1]])
-    expected = (math.log(5 / 3) + math.log(20.0)) / 4
-    torch.testing.assert_close(lm_loss(logits, input_ids, response_mask), torch.tensor(expected))
-
-
-def test_lm_loss_without_response_tokens_is_zero():
-    assert lm_loss(LOGITS, INPUT_IDS, torch.zeros(1, 4)).item() == 0.0
+        next_token_targets(INPUT_IDS, torch.ones(1, 3))
 
 
 def test_arm_loss_at_zero_margin_is_log_two():
@@ -220,8 +208,6 @@ def _scored_rewards(model, tokenizer, texts, response_lengths, preference):
 
 def test_reward_baseline_measures_the_heads_change_to_the_lm(make_model, tokenizer):
     """'backbone' rewards are literal rewards minus the frozen LM's own log-likelihood of the response."""
-    from paretoalign.losses import sequence_logprobs
-
     rewards = {}
     for baseline in ("none", "backbone"):
         model = make_model(reward_baseline=baseline)
