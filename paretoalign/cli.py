@@ -146,6 +146,13 @@ def _add_arm_accuracy(subparsers) -> None:
     parser.add_argument("--batch-pairs", type=int, default=8)
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", action="store_true", help="print {accuracy, n, mean_margin} as JSON")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--feature-cache", default=None,
+        help="folder of feature caches (default: the user cache training uses); the pairs' backbone states are cached "
+        "there once, so scoring them again (other preferences or heads) skips the backbone",
+    )
+    cache.add_argument("--no-feature-cache", action="store_true", help="run the backbone on every pair and write nothing")
     parser.set_defaults(handler=run_arm_accuracy)
 
 
@@ -168,7 +175,10 @@ def run_arm_accuracy(args: argparse.Namespace) -> int:
     pairs = pairs[: args.max_pairs] if args.max_pairs else pairs
     model = load_model(args.checkpoint, args.backbone, args.device)
     preference = _model_order(objectives, weights, model.objectives)
-    (result,) = arm_accuracy(model, pairs, [preference], batch_pairs=args.batch_pairs, progress=not args.json)
+    from .features import feature_cache_root
+
+    cache = None if args.no_feature_cache else feature_cache_root(args.feature_cache)
+    (result,) = arm_accuracy(model, pairs, [preference], batch_pairs=args.batch_pairs, progress=not args.json, feature_cache=cache)
     if args.json:
         print(json.dumps({"accuracy": result["accuracy"], "n": result["n"], "mean_margin": result["mean_margin"]}))
     else:

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from .data import load_default_pairs, split_pools
+from .features import feature_cache_root
 from .model import CONFIG_NAME, WEIGHTS_NAME, DualHeadModel
 from .objective import arm_accuracy
 
@@ -217,7 +218,8 @@ def export_run(run_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, pr
     model = DualHeadModel.from_pretrained(model_dir)
     config = json.loads((run_dir / "train_config.json").read_text())
     results = held_out_accuracy(
-        model, progress=progress, max_pairs=max_pairs, max_length=config["max_length"], max_prompt_length=config["max_prompt_length"]
+        model, progress=progress, max_pairs=max_pairs, max_length=config["max_length"], max_prompt_length=config["max_prompt_length"],
+        feature_cache=feature_cache_root(config.get("feature_cache")),
     )
     staging = checkpoint_dir.with_name(f".{checkpoint_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)

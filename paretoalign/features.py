@@ -117,6 +117,13 @@ def _layout_problem(offsets: np.ndarray, flat: dict, rows: dict, sequences: int 
     return None
 
 
+def feature_cache_root(folder: str | os.PathLike | None = None) -> Path:
+    """Where feature caches live: ``folder``, else ``features/`` under the user cache (``$PARETOALIGN_CACHE``)."""
+    from .backbone import cache_dir
+
+    return Path(folder).expanduser() if folder else cache_dir() / "features"
+
+
 def _read_json(path: Path) -> dict | None:
     return read_json_object(path, "feature cache file") if path.is_file() else None
 

@@ -6,6 +6,7 @@ every position (it attends over the whole history), so a batch costs about what 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -165,12 +166,16 @@ def arm_accuracy(
     max_length: int = 512,
     max_prompt_length: int = 384,
     progress: bool = False,
+    feature_cache: str | os.PathLike | None = None,
 ) -> list[dict]:
     """How often the reward head gives the chosen reply the higher reward, at each of ``preferences``.
 
-    Runs the backbone once per pair (no feature cache, so it works on any pairs file) and scores every
-    preference from the same hidden states. Returns one ``{"preference", "accuracy", "n", "mean_margin"}``
-    per preference.
+    Scores every preference from the same hidden states. With ``feature_cache`` (a folder, e.g. the user cache
+    ``~/.cache/paretoalign/features`` that training uses), the backbone's states come from a feature cache of these
+    pairs' sequences, built once (:func:`~paretoalign.features.build_feature_cache` copies every sequence another
+    cache there already holds): a second evaluation of the same pairs, at other preferences or with other heads on
+    the same backbone, skips the backbone. Without it the backbone runs once per pair and nothing is written.
+    Returns one ``{"preference", "accuracy", "n", "mean_margin"}`` per preference.
     """
     if not pairs:
         raise ValueError("pairs is empty: nothing to measure")
@@ -179,16 +184,9 @@ def arm_accuracy(
     collator = PreferenceCollator(model.tokenizer, max_length, max_prompt_length)
     model.eval()
     margins: list[list[float]] = [[] for _ in preferences]
-    for start in tqdm(range(0, len(pairs), batch_pairs), desc="scoring pairs", disable=not progress):
-        encoded = collator(pairs[start : start + batch_pairs])
-        sides = ("chosen", "rejected")
-        input_ids = torch.cat([encoded[f"{side}_input_ids"] for side in sides]).to(model.device)  # (2B, T)
-        attention_mask = torch.cat([encoded[f"{side}_attention_mask"] for side in sides]).to(model.device)  # (2B, T)
-        response_mask = torch.cat([encoded[f"{side}_response_mask"] for side in sides]).to(model.device)  # (2B, T)
-        hidden, block_hidden = model.backbone_states(input_ids, attention_mask)  # (2B, T, d) each (block: or None)
-        batch = PairBatch(hidden, input_ids, attention_mask, response_mask, block_hidden, model.branch_layer)
+    for batch in _pair_batches(model, collator, list(pairs), batch_pairs, progress, feature_cache):
         for index, preference in enumerate(preferences):
-            rows = model.preference_batch(preference, input_ids.shape[0])  # (2B, k)
+            rows = model.preference_batch(preference, batch.input_ids.shape[0])  # (2B, k)
             chosen, rejected = score_pairs(model, batch, rows, fused=False).chosen_and_rejected()
             margins[index].extend((chosen - rejected).tolist())
     return [
@@ -200,3 +198,29 @@ def arm_accuracy(
         }
         for preference, found in zip(preferences, margins)
     ]
+
+
+def _pair_batches(model: DualHeadModel, collator: PreferenceCollator, pairs: list[PreferencePair], batch_pairs: int, progress: bool, feature_cache):
+    """:class:`PairBatch` es of ``batch_pairs`` pairs (chosen rows, then rejected), from a feature cache or the backbone."""
+    if feature_cache is not None:
+        import numpy as np
+
+        from .features import build_feature_cache
+        from .train import add_pair_sequences, collate_pairs
+
+        sequences: list[list[int]] = []
+        index = add_pair_sequences(collator, pairs, sequences)
+        cache = build_feature_cache(model, sequences, feature_cache, progress=progress)
+        block = None if model.branch_layer is None else build_feature_cache(model, sequences, feature_cache, progress=progress, layer=model.branch_layer)
+        for start in tqdm(range(0, len(pairs), batch_pairs), desc="scoring pairs", disable=not progress):
+            ids = np.arange(start, min(start + batch_pairs, len(pairs)))
+            yield collate_pairs(cache, index, ids, block, model.branch_layer).to(model.device)
+        return
+    for start in tqdm(range(0, len(pairs), batch_pairs), desc="scoring pairs", disable=not progress):
+        encoded = collator(pairs[start : start + batch_pairs])
+        sides = ("chosen", "rejected")
+        input_ids = torch.cat([encoded[f"{side}_input_ids"] for side in sides]).to(model.device)  # (2B, T)
+        attention_mask = torch.cat([encoded[f"{side}_attention_mask"] for side in sides]).to(model.device)  # (2B, T)
+        response_mask = torch.cat([encoded[f"{side}_response_mask"] for side in sides]).to(model.device)  # (2B, T)
+        hidden, block_hidden = model.backbone_states(input_ids, attention_mask)  # (2B, T, d) each (block: or None)
+        yield PairBatch(hidden, input_ids, attention_mask, response_mask, block_hidden, model.branch_layer)

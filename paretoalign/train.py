@@ -24,10 +24,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .backbone import DEFAULT_BACKBONE, cache_dir, load_backbone
+from .backbone import DEFAULT_BACKBONE, load_backbone
 from .data import PreferenceCollator, PreferencePair, load_default_pairs, split_pools
 from .candidates import CandidateBatch, CandidateCache, build_candidate_cache
-from .features import FeatureCache, build_feature_cache
+from .features import FeatureCache, build_feature_cache, feature_cache_root
 from .files import atomic_write, latest_checkpoint, read_json_object, read_optimizer_state, read_safetensors, write_checkpoint, write_optimizer_state
 from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss, sample_preference
 from .model import DualHeadConfig, DualHeadModel
@@ -365,7 +365,7 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
                 if not kept[objective].any():
                     raise ValueError(f"train_sources[{objective!r}] = {allowed} keeps none of its {len(chosen_pairs)} training pairs")
     groups = add_onpolicy_sequences(collator, config.onpolicy, sequences)
-    root = Path(config.feature_cache) if config.feature_cache else cache_dir() / "features"
+    root = feature_cache_root(config.feature_cache)
     cache = build_feature_cache(model, sequences, root, config.max_batch_tokens, progress)
     block_cache, block_layer = None, None
     if model.reward_branch is not None:

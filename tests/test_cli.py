@@ -90,10 +90,17 @@ def test_arm_accuracy_json(capsys, tiny_checkpoint, tmp_path):
     pairs_file.write_text("".join(lines))
     argv = ["arm-accuracy", "--data", str(pairs_file), "--objective", "harmlessness", "--preference", "0,1",
             "--checkpoint", tiny_checkpoint, "--json"]
-    assert main(argv) == 0
+    assert main([*argv, "--no-feature-cache"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 6 and 0.0 <= out["accuracy"] <= 1.0
     assert out["accuracy"] * 6 == pytest.approx(round(out["accuracy"] * 6))
+    # from a feature cache (built on the first call, read on the second): the same accuracy
+    for _ in range(2):
+        assert main([*argv, "--feature-cache", str(tmp_path / "features")]) == 0
+        cached = json.loads(capsys.readouterr().out)
+        assert cached["n"] == 6 and cached["accuracy"] == out["accuracy"]
+        assert cached["mean_margin"] == pytest.approx(out["mean_margin"], abs=2e-3)
+    assert len([meta for meta in (tmp_path / "features").glob("*/meta.json") if json.loads(meta.read_text())["complete"]]) == 1
 
 
 def test_arm_accuracy_names_the_bad_line(capsys, tiny_checkpoint, tmp_path):
@@ -132,3 +139,24 @@ def test_generate_runs_every_registered_method(capsys, tiny_checkpoint, baseline
     error = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert "unknown method 'beam'" in error and "genarm" in error and "Traceback" not in error
+
+
+def test_arm_accuracy_from_the_feature_cache_skips_the_backbone(make_model, tmp_path, monkeypatch):
+    from paretoalign.data import PreferencePair
+    from paretoalign.objective import arm_accuracy
+
+    model = make_model()
+    pairs = [PreferencePair([{"role": "user", "content": f"Question {i}?"}], f"A helpful answer {i}.", "No.", "helpfulness", "test") for i in range(5)]
+    preferences = [[1.0, 0.0], [0.0, 1.0]]
+    live = arm_accuracy(model, pairs, preferences, batch_pairs=2)
+    first = arm_accuracy(model, pairs, preferences, batch_pairs=2, feature_cache=tmp_path)
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone ran although the pairs are cached")
+
+    monkeypatch.setattr(model, "backbone_hidden", no_backbone)
+    monkeypatch.setattr(model, "backbone_states", no_backbone)
+    again = arm_accuracy(model, pairs, [[0.5, 0.5], *preferences], batch_pairs=3, feature_cache=tmp_path)
+    for cached in (first, again[1:]):
+        assert [r["accuracy"] for r in cached] == [r["accuracy"] for r in live]
+        assert [r["mean_margin"] for r in cached] == pytest.approx([r["mean_margin"] for r in live], abs=2e-3)

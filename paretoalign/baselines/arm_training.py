@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from ..backbone import DEFAULT_BACKBONE, cache_dir, load_backbone
+from ..backbone import DEFAULT_BACKBONE, load_backbone
 from ..data import PreferenceCollator, load_default_pairs, split_pools
-from ..features import build_feature_cache
+from ..features import build_feature_cache, feature_cache_root
 from ..files import atomic_write, latest_checkpoint, read_optimizer_state, read_safetensors, write_checkpoint, write_optimizer_state
 from ..losses import arm_preference_loss
 from ..model import DualHeadConfig, DualHeadModel
@@ -167,7 +167,7 @@ def prepare_arm_data(config: ARMTrainConfig, model: DualHeadModel, first_layer: 
         for split, limit in (("train", config.max_train_pairs), ("validation", config.max_eval_pairs)):
             pairs = _subsample(splits[split], limit, config.seed + objective_index)
             indices[split][objective] = add_pair_sequences(collator, pairs, sequences)
-    root = Path(config.feature_cache) if config.feature_cache else cache_dir() / "features"
+    root = feature_cache_root(config.feature_cache)
     cache = build_feature_cache(model, sequences, root, config.max_batch_tokens, progress, layer=first_layer)
     return PreparedData(cache, indices["train"], indices["validation"])
 
