@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .evaluation.sweep import append_rows, load_prompts, read_results, row_seed, settings_changes
-from .files import atomic_write
+from .evaluation.sweep import append_rows, load_prompts, read_results, record_settings, row_seed
 
 SETTINGS_NAME = "replies.json"
 REPLIES_NAME = "replies.jsonl"
@@ -135,14 +134,7 @@ def sample_replies(config: SampleConfig, model=None, progress: bool = True) -> d
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = _settings(config, model)
-    settings_path = out / SETTINGS_NAME
-    if settings_path.is_file():
-        changes = settings_changes(json.loads(settings_path.read_text(encoding="utf-8")), settings)
-        if changes:
-            raise ValueError(f"{settings_path} was written with other settings; use a new out folder. Changed: {'; '.join(changes)}")
-    else:
-        text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
-        atomic_write(settings_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    record_settings(out / SETTINGS_NAME, settings, "use a new out folder")
     done = {row["prompt_id"] for row in read_results(out / REPLIES_NAME, repair=True)}
     todo = [prompt for prompt in prompts if prompt.id not in done]
     per_batch = max(1, config.batch_size // config.k)

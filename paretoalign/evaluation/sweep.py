@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, read_json_object
 from ..generation import check_prompt
 from ..methods import build_decoder, get_method, parse_methods, trainable_parameters
 from ..preference import simplex_grid
@@ -263,23 +263,26 @@ def _write_json(path: Path, payload: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def _record_settings(directory: Path, settings: dict) -> dict:
-    """Write ``sweep.json``, or check it against the existing one (adding new methods to it)."""
-    path = directory / SETTINGS_NAME
+def record_settings(path: Path, settings: dict, advice: str = "resume with the same settings or use a new --out") -> dict:
+    """Write the settings file ``path`` of a resumable output folder, or check ``settings`` against the one there:
+    results appended under other settings would mix two experiments, so a change raises ``ValueError`` listing it."""
     if not path.is_file():
         _write_json(path, settings)
         return settings
-    recorded = json.loads(path.read_text(encoding="utf-8"))
+    recorded = read_json_object(path, "settings file")
     changes = settings_changes(recorded, settings)
     if changes:
-        raise ValueError(
-            f"{path} was written by a sweep with different settings; resume with the same settings or use a new --out. "
-            f"Changed: {'; '.join(changes)}"
-        )
+        raise ValueError(f"{path} was written with different settings; {advice}. Changed: {'; '.join(changes)}")
+    return recorded
+
+
+def _record_settings(directory: Path, settings: dict) -> dict:
+    """Write ``sweep.json``, or check it against the existing one (adding new methods to it)."""
+    recorded = record_settings(directory / SETTINGS_NAME, settings)
     added = [name for name in settings["methods"] if name not in recorded["methods"]]
     if added:
         recorded["methods"] = recorded["methods"] + added
-        _write_json(path, recorded)
+        _write_json(directory / SETTINGS_NAME, recorded)
     return recorded
 
 
