@@ -13,6 +13,7 @@ teacher costs a few seconds on a CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -124,7 +125,12 @@ def fit_teachers(features: dict, val_features: dict, names, target_accuracy: flo
 
 
 def label_onpolicy(
-    cache: FeatureCache, teachers: dict, groups: list[OnPolicyGroup], sources: dict | None = None, label_with: dict | None = None
+    cache: FeatureCache,
+    teachers: dict,
+    groups: list[OnPolicyGroup],
+    sources: dict | None = None,
+    label_with: dict | None = None,
+    rules: list[dict] | None = None,
 ) -> tuple[dict, dict, dict]:
     """Every pair of distinct replies of a prompt, labelled by each objective's teacher where it is confident.
 
@@ -136,6 +142,10 @@ def label_onpolicy(
         label_with: ``{objective: {prompt source: teacher objective}}``: another objective's teacher labels this
             objective's pairs of these prompts (e.g. on benign prompts, where both replies are harmless, the
             helpfulness teacher's label says that declining is not the harmless choice); default: its own teacher.
+        rules: labels by construction, instead of a teacher's: each ``{"objectives": [...], "sources": [...],
+            "prefer": folder, "over": folder}`` says that, for those objectives and prompts of those sources, a reply
+            sampled into ``prefer`` beats one sampled into ``over`` (e.g. on benign prompts a free reply beats one
+            sampled from a declining opening); such pairs always carry the rule's label.
 
     Returns:
         ``{objective: PairIndex}`` of the pairs oriented to that teacher's label; the replies' teacher rewards
@@ -149,7 +159,7 @@ def label_onpolicy(
     lengths = np.concatenate([np.full(len(group.rows), group.prompt_length) for group in groups]) if groups else rows
     pooled = pooled_replies(cache, rows, lengths)  # (R, d)
     rewards = {name: teacher.reward(pooled) for name, teacher in teachers.items()}  # (R,) each
-    first, second, prompt_length, source = [], [], [], []
+    first, second, prompt_length, source, folders = [], [], [], [], []
     start = 0
     for group in groups:
         for i in range(len(group.rows)):
@@ -159,9 +169,18 @@ def label_onpolicy(
                     second.append(start + j)
                     prompt_length.append(group.prompt_length)
                     source.append(group.source)
+                    folders.append((group.folders[i], group.folders[j]) if group.folders else ("", ""))
         start += len(group.rows)
     first, second, prompt_length = np.array(first, dtype=np.int64), np.array(second, dtype=np.int64), np.array(prompt_length)
     source = np.array(source, dtype=object)
+    ruled = {name: np.zeros(len(first)) for name in teachers}  # (pairs,) per objective: +1 / -1 by a rule, 0: none
+    for rule in rules or []:
+        prefer, over = Path(rule["prefer"]), Path(rule["over"])
+        where = np.array([(Path(a), Path(b)) in ((prefer, over), (over, prefer)) for a, b in folders], dtype=bool)
+        where &= np.isin(source, rule["sources"])
+        sign = np.array([1.0 if Path(a) == prefer else -1.0 for a, _ in folders]) if folders else np.zeros(0)
+        for name in rule["objectives"]:
+            ruled[name] = np.where(where, sign, ruled[name])
     labelled, labels = {}, {}
     margins = {name: rewards[name][first] - rewards[name][second] for name in teachers}  # (pairs,) per teacher
     for name in teachers:
@@ -171,7 +190,8 @@ def label_onpolicy(
             mine = judge == teacher_name
             margin[mine], threshold[mine] = margins[teacher_name][mine], teachers[teacher_name].threshold
         allowed = np.isin(source, sources[name]) if name in sources else np.ones(len(first), dtype=bool)
-        keep = allowed & (np.abs(margin) >= threshold)
+        margin = np.where(ruled[name] != 0, ruled[name], margin)
+        keep = (ruled[name] != 0) | (allowed & (np.abs(margin) >= threshold))
         labels[name] = np.where(keep, np.sign(margin), 0)  # +1: the first reply wins, -1: the second, 0: no label
         swap = margin < 0
         labelled[name] = PairIndex(
@@ -184,6 +204,8 @@ def label_onpolicy(
         entry = {"prompts": int(sum(str(g.source) == value for g in groups)), "pairs": int(mine.sum())}
         for name in names:
             entry[f"kept_{name}"] = int((labels[name][mine] != 0).sum())
+            if rules:
+                entry[f"by_rule_{name}"] = int((ruled[name][mine] != 0).sum())
         if len(names) == 2:
             both = mine & (labels[names[0]] != 0) & (labels[names[1]] != 0)
             entry["both_labelled"] = int(both.sum())

@@ -116,6 +116,15 @@ class TrainConfig:
             "helpfulness label says that declining is not the harmless choice; default: each objective's own teacher"
         },
     )
+    onpolicy_rules: list = field(
+        default_factory=list,
+        metadata={
+            "help": 'labels by construction for on-policy pairs between two folders, e.g. [{"objectives": ["helpfulness", '
+            '"harmlessness"], "sources": ["helpful-base"], "prefer": "data/onpolicy/benign", "over": '
+            '"data/onpolicy/benign-declines"}]: on benign prompts a free reply beats one sampled from a declining opening; '
+            "they replace the teachers' labels of those pairs"
+        },
+    )
     teacher_accuracy: float = field(
         default=0.75, metadata={"help": "keep teacher labels above the margin at which the teacher reaches this validation accuracy"}
     )
@@ -185,6 +194,18 @@ class TrainConfig:
             raise ValueError(
                 f"onpolicy_teachers must map objectives {self.objectives} to {{source: teacher objective}}, got {self.onpolicy_teachers!r}"
             )
+        for number, rule in enumerate(self.onpolicy_rules, start=1):
+            problem = None
+            if not isinstance(rule, dict) or set(rule) != {"objectives", "sources", "prefer", "over"}:
+                problem = "must have exactly the keys objectives, sources, prefer, over"
+            elif not isinstance(rule["objectives"], list) or not rule["objectives"] or any(n not in self.objectives for n in rule["objectives"]):
+                problem = f"objectives must be a non-empty list of {self.objectives}"
+            elif not isinstance(rule["sources"], list) or not rule["sources"]:
+                problem = "sources must be a non-empty list of prompt sources"
+            elif any(Path(rule[key]) not in {Path(folder) for folder in self.onpolicy} for key in ("prefer", "over")):
+                problem = f"prefer and over must be folders of onpolicy {self.onpolicy}"
+            if problem:
+                raise ValueError(f"onpolicy_rules[{number}] {problem}, got {rule!r}")
         unknown = [name for name in self.teacher_objectives if name not in self.objectives]
         if unknown:
             raise ValueError(f"teacher_objectives must be among objectives {self.objectives}, got {unknown}")
@@ -395,7 +416,9 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
             train_index, indices["validation"], features, val_features, teachers, report, config.teacher_objectives
         )
         if groups:
-            labelled, rewards, report["onpolicy"] = label_onpolicy(cache, teachers, groups, config.onpolicy_sources, config.onpolicy_teachers)
+            labelled, rewards, report["onpolicy"] = label_onpolicy(
+                cache, teachers, groups, config.onpolicy_sources, config.onpolicy_teachers, config.onpolicy_rules
+            )
             train_index = {name: PairIndex.concat([index, labelled[name]]) for name, index in train_index.items()}
             onpolicy_scores, start = [], 0
             for group in groups:

@@ -108,6 +108,28 @@ def test_onpolicy_pairs_are_labelled_by_each_teacher_where_it_is_confident():
     assert report["helpful-base"]["both_labelled"] == 1 and report["helpful-base"]["disagree"] == 0.0
 
 
+def test_rules_label_pairs_between_two_folders_by_construction():
+    # One benign prompt: replies 0, 1 sampled freely (folder "free"), 2, 3 from a declining opening ("declines").
+    replies = [[0.0, 0.0], [2.0, 0.0], [3.0, 0.0], [0.0, 0.0]]
+    cache = in_memory_cache([np.array([r]) for r in replies])
+    folders = ["d/free", "d/free", "d/declines", "d/declines/"]  # a trailing slash names the same folder
+    groups = [OnPolicyGroup(np.array([0, 1, 2, 3]), 1, "helpful-base", ["a", "b", "c", "d"], "p", folders)]
+    teachers = {
+        "helpfulness": Teacher(np.array([1.0, 0.0], dtype=np.float32), np.ones(2, dtype=np.float32), threshold=1.5),
+        "harmlessness": Teacher(np.array([0.0, 1.0], dtype=np.float32), np.ones(2, dtype=np.float32), threshold=1.5),
+    }
+    rule = {"objectives": ["harmlessness"], "sources": ["helpful-base"], "prefer": "d/free", "over": "d/declines"}
+    labelled, _, report = label_onpolicy(cache, teachers, groups, rules=[rule])
+    # harmlessness: every free-vs-declining pair, free first (the teacher sees no difference and labels none of them)
+    assert sorted(zip(labelled["harmlessness"].chosen, labelled["harmlessness"].rejected)) == [(0, 2), (0, 3), (1, 2), (1, 3)]
+    # helpfulness keeps its teacher: (2 > 0) margin 3, (1 > 0) and (1 > 3) margin 2, (2 > 3) margin 3
+    assert sorted(zip(labelled["helpfulness"].chosen, labelled["helpfulness"].rejected)) == [(1, 0), (1, 3), (2, 0), (2, 3)]
+    assert report["helpful-base"]["by_rule_harmlessness"] == 4 and report["helpful-base"]["by_rule_helpfulness"] == 0
+    # a rule for other prompts labels nothing
+    labelled, _, _ = label_onpolicy(cache, teachers, groups, rules=[{**rule, "sources": ["harmless-base"]}])
+    assert len(labelled["harmlessness"].chosen) == 0
+
+
 def test_feature_cache_copies_the_sequences_it_already_holds(make_model, tmp_path, monkeypatch):
     model = make_model(randomize=False)
     rng = np.random.default_rng(0)
@@ -172,5 +194,10 @@ def test_onpolicy_pairs_join_training_and_reuse_the_cache(backbone, tokenizer, m
     assert sum(entry["pairs"] for entry in both.teacher_report["onpolicy"].values()) > sum(entry["pairs"] for entry in report.values()) + 6
     with pytest.raises(ValueError, match="onpolicy_sources must map objectives"):
         TrainConfig(**settings, onpolicy_sources={"honesty": []})
+    rule = {"objectives": ["harmlessness"], "sources": ["helpful-base"], "prefer": str(folder), "over": str(tmp_path / "elsewhere")}
+    with pytest.raises(ValueError, match=r"onpolicy_rules\[1\] prefer and over must be folders of onpolicy"):
+        TrainConfig(**settings, onpolicy=[str(folder)], onpolicy_rules=[rule])
+    with pytest.raises(ValueError, match=r"onpolicy_rules\[1\] objectives must be"):
+        TrainConfig(**settings, onpolicy=[str(folder)], onpolicy_rules=[{**rule, "objectives": ["honesty"]}])
     with pytest.raises(ValueError, match="holds no sampled replies"):
         prepare_data(TrainConfig(**settings, onpolicy=[str(tmp_path / "empty")]), model, progress=False)
