@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             log_path = Path(tmp) / f"app-{max_batch}.log"
             process, url = start_app(max_batch, log_path)
             try:
-                connect(process, url, log_path).predict("Warm up", 0.5, 3.0, 0.0, 4, 0, "dualhead", api_name="/generate")
+                connect(process, url, log_path).predict("Warm up", 0.5, 3.0, 0.0, 8, 0, "dualhead", api_name="/generate")
                 began = time.perf_counter()
                 records = drive(url, args.clients, args.requests, args.max_new_tokens)
                 wall = time.perf_counter() - began
