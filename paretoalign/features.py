@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .files import atomic_write, load_array, read_json_object
+from .files import atomic_write, file_lock, load_array, read_json_object
 from .model import DualHeadModel, backbone_forward
 
 logger = logging.getLogger(__name__)
@@ -200,6 +200,13 @@ def build_feature_cache(
     extra = None if layer is None else {"layer": layer}
     header = cache_header(model, extra)
     directory = Path(root) / sequences_key(model, sequences, extra)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes asking for the same cache (two evaluations of the same pairs) build it once, one after the other.
+    with file_lock(directory.with_name(directory.name + ".lock")):
+        return _build(model, sequences, Path(root), directory, header, max_batch_tokens, progress, layer)
+
+
+def _build(model, sequences, root: Path, directory: Path, header: dict, max_batch_tokens: int, progress: bool, layer: int | None) -> FeatureCache:
     meta_path = directory / "meta.json"
     meta = _read_json(meta_path)
     if meta and meta.get("complete"):

