@@ -127,11 +127,13 @@ def _onpolicy_note(config: dict, run_dir: Path) -> str:
     pairs = sum(entry.get("pairs", 0) for entry in report.values())
     shown = ", ".join(f"{n} for {name}" for name, n in kept.items())
     return (
-        f"\nOn-policy pairs: the frozen backbone's own replies ({', '.join(f'`{p}`' for p in config['onpolicy'])}; 4 per "
-        f"training prompt, see `data/README.md`), every pair of a prompt's replies labelled by each objective's teacher "
-        f"where it is confident: {pairs} pairs, kept {shown} (`teacher_labels.json`). Prompt sources an objective's "
-        f"teacher labels: {json.dumps(config.get('onpolicy_sources') or 'all')}; teachers standing in for another "
-        f"objective's: {json.dumps(config.get('onpolicy_teachers') or 'none')}.\n"
+        f"\nOn-policy pairs: the frozen backbone's own replies ({', '.join(f'`{p}`' for p in config['onpolicy'])}; "
+        f"how each folder was sampled is in its `replies.json` and `data/README.md`), every pair of a prompt's replies "
+        f"(from all folders) labelled by each objective's teacher where it is confident: {pairs} pairs, kept {shown} "
+        f"(`teacher_labels.json`). Prompt sources an objective's teacher labels: "
+        f"{json.dumps(config.get('onpolicy_sources') or 'all')}; teachers standing in for another objective's: "
+        f"{json.dumps(config.get('onpolicy_teachers') or 'none')}; labels by construction: "
+        f"{json.dumps(config.get('onpolicy_rules') or 'none')}.\n"
     )
 
 
