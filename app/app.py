@@ -134,7 +134,11 @@ def build_demo(
         )
         with gr.Accordion("Decoding settings (both tabs)", open=False), gr.Row():
             method = gr.Dropdown(methods, value=methods[0], label="method", info="registered decoding methods")
-            strength = gr.Slider(0.0, 3.0, value=1.0, step=0.1, label="strength")
+            default_strength = float(ui.get_model().config.strength)  # the checkpoint's own, chosen on validation
+            strength = gr.Slider(
+                0.0, max(10.0, 2 * default_strength), value=default_strength, step=0.1, label="strength",
+                info=f"how hard the reward head steers; the checkpoint's default is {default_strength:g}",
+            )
             temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="temperature (0 = greedy)")
             max_new_tokens = gr.Slider(8, ui.MAX_NEW_TOKENS_LIMIT, value=128, step=8, label="max new tokens")
             seed = gr.Number(value=0, precision=0, minimum=0, label="seed")

