@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .features import FeatureCache, _layout_problem
+from .features import FeatureCache, layout_problem
 from .files import atomic_directory, load_array, read_json_object
 
 META_NAME = "candidates.json"
@@ -66,7 +66,7 @@ class CandidateCache:
         ids, logprobs, tail, offsets = (
             load_array(directory / name, "candidate cache file") for name in ("ids.npy", "logprobs.npy", "tail.npy", "offsets.npy")
         )
-        problem = _layout_problem(offsets, {"tail.npy": tail}, {"ids.npy": ids, "logprobs.npy": logprobs})
+        problem = layout_problem(offsets, {"tail.npy": tail}, {"ids.npy": ids, "logprobs.npy": logprobs})
         if problem is None and ids.shape[1] < logprobs.shape[1]:
             problem = f"ids.npy has {ids.shape[1]} columns for {logprobs.shape[1]} candidates"
         if problem:

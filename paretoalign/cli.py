@@ -42,9 +42,8 @@ def _add_generate(subparsers) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     from .generation import check_prompt, generate, stream_generate
-    from .model import load_model
-
     from .methods import get_method
+    from .model import load_model
 
     check_prompt(args.prompt, "--prompt")  # before the model loads
     get_method(args.method)

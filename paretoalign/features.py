@@ -97,7 +97,7 @@ class FeatureCache:
         if not meta or not meta.get("complete"):
             raise FileNotFoundError(f"no complete feature cache in {str(directory)!r}")
         tokens, hidden, offsets = (load_array(directory / name, "feature cache file") for name in ("tokens.npy", "hidden.npy", "offsets.npy"))
-        problem = _layout_problem(offsets, {"tokens.npy": tokens}, {"hidden.npy": hidden}, meta.get("sequences"))
+        problem = layout_problem(offsets, {"tokens.npy": tokens}, {"hidden.npy": hidden}, meta.get("sequences"))
         if problem is None and hidden.shape[1] != meta.get("hidden_size", hidden.shape[1]):
             problem = f"hidden.npy holds {hidden.shape[1]}-wide states, meta.json says {meta['hidden_size']}"
         if problem:
@@ -105,7 +105,7 @@ class FeatureCache:
         return cls(directory, tokens, hidden, offsets)
 
 
-def _layout_problem(offsets: np.ndarray, flat: dict, rows: dict, sequences: int | None = None) -> str | None:
+def layout_problem(offsets: np.ndarray, flat: dict, rows: dict, sequences: int | None = None) -> str | None:
     """What is inconsistent in a packed cache (``offsets`` into arrays ``flat`` (N,) and ``rows`` (N, w)), or None."""
     if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or (np.diff(offsets) < 0).any():
         return "offsets.npy is not a list of increasing positions from 0"
@@ -222,7 +222,7 @@ def _build(model, sequences, root: Path, directory: Path, header: dict, max_batc
         tokens[:] = np.concatenate([np.asarray(s, dtype=np.int32) for s in sequences])
         tokens.flush()
         hidden_store = np.lib.format.open_memmap(directory / "hidden.npy", mode="w+", dtype=np.float16, shape=(total, width))
-        pending = _copy_from_donors(Path(root), directory, header, sequence_digests(sequences), offsets, hidden_store)
+        pending = _copy_from_donors(root, directory, header, sequence_digests(sequences), offsets, hidden_store)
         hidden_store.flush()
         np.save(directory / "pending.npy", np.flatnonzero(pending))
         meta = {

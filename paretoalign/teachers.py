@@ -172,16 +172,16 @@ def label_onpolicy(
                     second.append(start + j)
                     prompt_length.append(group.prompt_length)
                     source.append(group.source)
-                    folders.append((group.folders[i], group.folders[j]) if group.folders else ("", ""))
+                    folders.append((Path(group.folders[i]), Path(group.folders[j])) if group.folders else (None, None))
         start += len(group.rows)
     first, second, prompt_length = np.array(first, dtype=np.int64), np.array(second, dtype=np.int64), np.array(prompt_length)
     source = np.array(source, dtype=object)
     ruled = {name: np.zeros(len(first)) for name in teachers}  # (pairs,) per objective: +1 / -1 by a rule, 0: none
     for rule in rules or []:
         prefer, over = Path(rule["prefer"]), Path(rule["over"])
-        where = np.array([(Path(a), Path(b)) in ((prefer, over), (over, prefer)) for a, b in folders], dtype=bool)
+        where = np.array([pair in ((prefer, over), (over, prefer)) for pair in folders], dtype=bool)
         where &= np.isin(source, rule["sources"])
-        sign = np.array([1.0 if Path(a) == prefer else -1.0 for a, _ in folders]) if folders else np.zeros(0)
+        sign = np.array([1.0 if a == prefer else -1.0 for a, _ in folders]) if folders else np.zeros(0)
         if not where.any():
             logger.warning("on-policy rule %s labels no pair: no prompt of those sources has replies in both folders", rule)
         for name in rule["objectives"]:

@@ -28,7 +28,7 @@ from .backbone import DEFAULT_BACKBONE, load_backbone
 from .data import PreferenceCollator, PreferencePair, load_default_pairs, split_pools
 from .candidates import CandidateBatch, CandidateCache, build_candidate_cache
 from .features import FeatureCache, build_feature_cache, feature_cache_root
-from .files import atomic_write, latest_checkpoint, read_json_object, read_optimizer_state, read_safetensors, write_checkpoint, write_optimizer_state
+from .files import TRAINER_STATE_NAME, atomic_write, latest_checkpoint, read_json_object, read_optimizer_state, read_safetensors, write_checkpoint, write_optimizer_state
 from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss, sample_preference
 from .model import DualHeadConfig, DualHeadModel
 from .objective import PairBatch, join_pair_batches, score_pairs
@@ -682,7 +682,7 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     state_dir, log_path = output / "checkpoint", output / "training_log.jsonl"
-    latest = latest_checkpoint(state_dir, "trainer_state.json")
+    latest = latest_checkpoint(state_dir, TRAINER_STATE_NAME)
     start = load_training_state(latest, model, optimizer, scheduler) if latest is not None else 0
     if start:
         logger.warning("resuming %s from step %d", output, start)

@@ -28,7 +28,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ..backbone import DEFAULT_BACKBONE, load_backbone
 from ..data import PreferenceCollator, load_default_pairs, split_pools
 from ..features import build_feature_cache, feature_cache_root
-from ..files import atomic_write, latest_checkpoint, read_optimizer_state, read_safetensors, write_checkpoint, write_optimizer_state
+from ..files import TRAINER_STATE_NAME, atomic_write, latest_checkpoint, read_optimizer_state, read_safetensors, write_checkpoint, write_optimizer_state
 from ..losses import arm_preference_loss
 from ..model import DualHeadConfig, DualHeadModel
 from ..objective import PairBatch, join_pair_batches
@@ -295,7 +295,7 @@ def train_arm(config: ARMTrainConfig, backbone=None, tokenizer=None, progress: b
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     state_dir, log_path = output / STATE_DIR, output / LOG_NAME
-    latest = latest_checkpoint(state_dir, "trainer_state.json")
+    latest = latest_checkpoint(state_dir, TRAINER_STATE_NAME)
     start = load_arm_state(latest, arm, optimizer, scheduler) if latest is not None else 0
     if start:
         logger.warning("resuming %s from step %d", output, start)
