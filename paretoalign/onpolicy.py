@@ -40,6 +40,13 @@ class SampleConfig:
     top_p: float = 0.9
     seed: int = field(default=0, metadata={"help": "each reply's seed derives from it and the prompt"})
     limit: int | None = field(default=None, metadata={"help": "sample the first N prompts only"})
+    skip: int = field(
+        default=0,
+        metadata={
+            "help": "leave out the first N prompts (with limit: prompts N+1 to limit), e.g. to sample more prompts of a "
+            "file into a new folder without repeating those an earlier folder holds"
+        },
+    )
     batch_size: int = field(default=32, metadata={"help": "replies decoded together"})
     backbone: str | None = field(default=None, metadata={"help": "backbone id or path (default: the offline SmolLM2)"})
     system_prompt: str | None = field(
@@ -69,6 +76,8 @@ class SampleConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.skip, bool) or not isinstance(self.skip, int) or self.skip < 0:
+            raise ValueError(f"skip must be a non-negative integer, got {self.skip!r}")
         if self.k < 2:
             raise ValueError(f"k must be at least 2 (pairs need two replies of a prompt), got {self.k!r}")
         if not self.temperature > 0:
@@ -96,7 +105,7 @@ def read_replies(directory: str | os.PathLike) -> list[dict]:
 
 
 def _settings(config: SampleConfig, model) -> dict:
-    settings = {key: value for key, value in asdict(config).items() if key not in ("out", "batch_size", "limit", "backbone")}
+    settings = {key: value for key, value in asdict(config).items() if key not in ("out", "batch_size", "limit", "skip", "backbone")}
     for name in ("system_prompt", "reply_prefixes"):
         if settings[name] is None:
             del settings[name]  # folders sampled without them read the same as before the options existed
@@ -128,7 +137,9 @@ def sample_replies(config: SampleConfig, model=None, progress: bool = True) -> d
     from .generation import generate
     from .model import base_model
 
-    prompts = load_prompts(config.prompts, config.limit)
+    prompts = load_prompts(config.prompts, config.limit)[config.skip :]
+    if not prompts:
+        raise ValueError(f"skip={config.skip} leaves no prompts of {config.prompts} (limit={config.limit})")
     sources = prompt_sources(config.prompts)
     model = model or base_model(config.backbone)
     out = Path(config.out)

@@ -51,6 +51,26 @@ def test_sampling_writes_k_replies_per_prompt_and_resumes(make_model, tmp_path, 
         SampleConfig(prompts=str(prompts), out=str(tmp_path / "x"), k=1)
 
 
+def test_skipping_prompts_samples_the_rest_with_the_same_seeds_into_a_new_folder(make_model, tmp_path):
+    model = make_model(randomize=False)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 5)
+    whole = SampleConfig(prompts=str(prompts), out=str(tmp_path / "whole"), k=2, max_new_tokens=4, limit=4)
+    sample_replies(whole, model, progress=False)
+    first = SampleConfig(**{**whole.__dict__, "out": str(tmp_path / "first"), "limit": 2})
+    rest = SampleConfig(**{**whole.__dict__, "out": str(tmp_path / "rest"), "skip": 2})
+    sample_replies(first, model, progress=False)
+    assert sample_replies(rest, model, progress=False)["total"] == 2
+    by_id = {line["prompt_id"]: line for line in read_replies(whole.out)}
+    parts = read_replies(first.out) + read_replies(rest.out)
+    # together the two folders hold the same prompts and, reply by reply, the same seeds and replies as one folder
+    assert sorted(line["prompt_id"] for line in parts) == sorted(by_id)
+    assert all((line["seeds"], line["replies"]) == (by_id[line["prompt_id"]]["seeds"], by_id[line["prompt_id"]]["replies"]) for line in parts)
+    with pytest.raises(ValueError, match="skip=4 leaves no prompts"):
+        sample_replies(SampleConfig(**{**whole.__dict__, "out": str(tmp_path / "none"), "skip": 4}), model, progress=False)
+    with pytest.raises(ValueError, match="skip must be a non-negative integer, got -1"):
+        SampleConfig(prompts=str(prompts), out=str(tmp_path / "x"), skip=-1)
+
+
 def test_replies_sampled_from_an_opening_start_with_it_and_record_it(make_model, tmp_path):
     from paretoalign.generation import render_prompt
 
