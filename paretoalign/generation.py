@@ -18,7 +18,7 @@ from transformers.generation.logits_process import LogitsProcessorList, TopKLogi
 
 from .backbone import cache_kwargs
 from .heads import GateCache
-from .model import DualHeadModel, check_guidance_top_k, position_ids_from_mask, restrict_to_base_top_k
+from .model import DualHeadModel, check_guidance_top_k, position_ids_from_mask
 
 Message = dict[str, str]
 Prompt = str | Sequence[Message]
@@ -85,18 +85,10 @@ class DualHeadDecoder:
         model = self.model
         hidden, block_hidden = model.backbone_states(input_ids, attention_mask, self.cache)  # (B, T, d) each
         reward_hidden = model.reward_hidden(hidden, block_hidden, attention_mask, self.preference, self.branch_cache)  # (B, T, d)
-        output, self.gate_cache = model.heads(
-            hidden,
-            attention_mask,
-            self.preference,
-            self.gate_cache,
-            last_only=True,
-            fusion=self.fusion,
-            strength=self.strength,
-            reward_hidden=reward_hidden,
+        logits, gate, lm_logits, self.gate_cache = model.next_token_logits(
+            hidden, attention_mask, self.preference, self.gate_cache, self.fusion, self.strength, reward_hidden, self.guidance_top_k
         )
-        logits = restrict_to_base_top_k(output.logits[:, -1], output.lm_logits[:, -1], self.guidance_top_k)  # (B, V)
-        return StepOutput(logits, output.gate[:, -1], output.lm_logits[:, -1])  # (B, V), (B,), (B, V)
+        return StepOutput(logits, gate, lm_logits)  # (B, V), (B,), (B, V)
 
     def start(self, input_ids, attention_mask, preference) -> StepOutput:
         self.cache = DynamicCache(config=self.model.backbone.config)

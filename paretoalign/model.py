@@ -329,6 +329,46 @@ class DualHeadModel(nn.Module):
         logits = fuse_logits(lm_logits, reward_logits, alpha, fusion, strength)  # (B, T', V)
         return DualHeadOutput(lm_logits, reward_logits, alpha, logits), gate_cache
 
+    def next_token_logits(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        preference: torch.Tensor,
+        gate_cache: GateCache | None = None,
+        fusion: str | None = None,
+        strength: float | None = None,
+        reward_hidden: torch.Tensor | None = None,
+        guidance_top_k: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, GateCache | None]:
+        """The decoding step's read-out at the last position: fused logits restricted to the frozen LM's
+        ``guidance_top_k`` likeliest tokens (0: all), the gate and z_LM, ``(B, V)``, ``(B,)``, ``(B, V)``, and the
+        gate's cache. Arguments as :meth:`heads`.
+
+        With ``gate`` fusion and a low-rank reward head, z_RM − z_LM is read out at the kept tokens only
+        (:meth:`RewardHead.candidate_shift`): the same logits as :meth:`heads` followed by
+        :func:`restrict_to_base_top_k`, without the reward head's second vocabulary-wide projection.
+        """
+        fusion = fusion or self.config.fusion
+        strength = self.config.strength if strength is None else strength
+        top_k = check_guidance_top_k(guidance_top_k)
+        vocab = self.backbone.get_output_embeddings().out_features
+        if fusion != "gate" or self.reward_head.kind == "full_rank" or not 0 < top_k < vocab:
+            output, gate_cache = self.heads(hidden, attention_mask, preference, gate_cache, True, fusion, strength, reward_hidden)
+            logits = restrict_to_base_top_k(output.logits[:, -1], output.lm_logits[:, -1], top_k)  # (B, V)
+            return logits, output.gate[:, -1], output.lm_logits[:, -1], gate_cache
+        last = hidden[:, -1]  # (B, d)
+        lm_logits = self.backbone.get_output_embeddings()(hidden[:, -1:]).float()[:, -1]  # (B, V), as heads() reads it
+        keep = lm_logits.topk(top_k, dim=-1).indices  # (B, k)
+        if reward_hidden is None or reward_hidden is hidden:
+            shift = self.reward_head.candidate_shift(last, preference, keep)  # (B, k)
+        else:  # a reward branch's own state: its change of the state is read out too
+            shift = self.reward_head.candidate_shift(reward_hidden[:, -1], preference, keep, base_hidden=last)  # (B, k)
+        alpha, gate_cache = self.context_gate(hidden.float(), attention_mask, preference, gate_cache, True)  # (B, 1)
+        alpha = alpha[:, -1]  # (B,)
+        kept = lm_logits.gather(-1, keep) + (strength * alpha)[:, None] * shift  # (B, k)
+        logits = torch.full_like(lm_logits, float("-inf")).scatter(-1, keep, kept)  # (B, V)
+        return logits, alpha, lm_logits, gate_cache
+
     def forward(
         self,
         input_ids: torch.Tensor,

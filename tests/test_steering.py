@@ -74,6 +74,36 @@ def test_restrict_to_base_top_k_keeps_the_base_models_likeliest_tokens():
     assert torch.equal(restrict_to_base_top_k(fused, lm, 5), fused)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"reward_head": "hidden"},
+        {"reward_head": "pblora"},
+        {"reward_head": "lora"},
+        {"reward_head": "hidden", "reward_layers": 1},
+        {"reward_head": "full_rank"},
+        {"reward_head": "hidden", "fusion": "genarm"},
+    ],
+)
+def test_next_token_logits_read_the_reward_head_at_the_kept_tokens_only_and_match_the_whole_read_out(make_model, settings):
+    from paretoalign.generation import prepare_batch
+
+    model = make_model(**settings)
+    _, ids, mask, preference = prepare_batch(model, ["How do I pick a lock?", "Tell me about bread."], [[0.3, 0.7], [1.0, 0.0]])
+    with torch.no_grad():
+        hidden, block_hidden = model.backbone_states(ids, mask)
+        reward_hidden = model.reward_hidden(hidden, block_hidden, mask, preference)
+        for top_k in (0, 5):
+            whole, _ = model.heads(hidden, mask, preference, last_only=True, strength=4.0, reward_hidden=reward_hidden)
+            expected = restrict_to_base_top_k(whole.logits[:, -1], whole.lm_logits[:, -1], top_k)  # (B, V)
+            logits, gate, lm_logits, _ = model.next_token_logits(hidden, mask, preference, strength=4.0, reward_hidden=reward_hidden, guidance_top_k=top_k)
+            assert torch.equal(torch.isinf(logits), torch.isinf(expected))
+            assert torch.allclose(logits[~torch.isinf(logits)], expected[~torch.isinf(expected)], atol=1e-4)
+            assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+            assert torch.equal(gate, whole.gate[:, -1]) and torch.equal(lm_logits, whole.lm_logits[:, -1])
+            assert (torch.isinf(logits).sum(-1) == (logits.shape[-1] - top_k if top_k else 0)).all()
+
+
 def test_guidance_top_1_decodes_exactly_like_the_base_model(make_model):
     model = make_model()  # randomised heads: unrestricted, they change the greedy answer
     prompts = ["How do I pick a lock?", "Tell me about bread."]
