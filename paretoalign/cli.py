@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import sys
+import types
 from pathlib import Path
 
 from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference
@@ -83,31 +84,53 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _override_options(config_class) -> argparse.ArgumentParser:
+    """A parent parser with one option per plain field of ``config_class`` (names, types and help from the fields).
+
+    Fields holding mappings, tuples or nested settings are left to the config file. An option left off the command
+    line sets nothing (its default is ``argparse.SUPPRESS``), so only what a user types overrides the file.
+    """
+    import typing
+
+    from transformers import HfArgumentParser
+
+    plain = (str, int, float, bool)
+
+    def is_plain(kind) -> bool:
+        args = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        if kind in plain:
+            return True
+        if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+            return args[0] in plain
+        return typing.get_origin(kind) is list and args == [str]
+
+    hints = typing.get_type_hints(config_class)
+    options = [
+        (f.name, hints[f.name], dataclasses.field(default=None if f.default is dataclasses.MISSING else f.default, metadata=f.metadata))
+        for f in dataclasses.fields(config_class)
+        if is_plain(hints[f.name])
+    ]
+    parser = HfArgumentParser(dataclasses.make_dataclass(f"{config_class.__name__}Options", options), add_help=False)
+    for action in parser._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    parser.set_defaults(override_names=[name for name, _, _ in options])
+    return parser
+
+
 def _add_train(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train the preference-aware heads (resumes an interrupted run)")
+    from .train import TrainConfig
+
+    parser = subparsers.add_parser(
+        "train",
+        parents=[_override_options(TrainConfig)],
+        help="train the preference-aware heads (resumes an interrupted run)",
+        description="Train from a JSON config; every option below overrides that field of the file. A candidate_tokens "
+        "of 0 trains on the whole vocabulary.",
+    )
     parser.add_argument("--config", default=None, help="JSON train config (default: configs/default.json)")
-    parser.add_argument("--output-dir", default=None)
-    parser.add_argument("--backbone", default=None)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch-pairs", type=int, default=None, help="pairs per objective per step")
-    parser.add_argument("--learning-rate", type=float, default=None)
-    parser.add_argument("--max-train-pairs", type=int, default=None, help="pairs per objective used for training")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--feature-cache", default=None, help="where backbone features are cached")
     parser.add_argument(
-        "--include-pku", action=argparse.BooleanOptionalAction, default=None,
-        help="PKU-SafeRLHF pairs join harmlessness (CC BY-NC 4.0; on by default: --no-include-pku for HH-RLHF only)",
+        "--reward-layers", type=int, default=None, help="model.reward_layers: the reward head re-runs the backbone's last k blocks (0: none)"
     )
-    parser.add_argument(
-        "--reward-layers", type=int, default=None, help="k: the reward head re-runs the backbone's last k blocks (0: none)"
-    )
-    parser.add_argument(
-        "--candidate-tokens",
-        type=int,
-        default=None,
-        help="C: train on each response position's label and the frozen LM's C - 1 likeliest other tokens (0: the whole vocabulary)",
-    )
-    parser.add_argument("--eval-every", type=int, default=None, help="steps between validation passes")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=run_train)
 
@@ -115,16 +138,14 @@ def _add_train(subparsers) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from .train import DEFAULT_TRAIN_CONFIG, TrainConfig, train
 
-    overrides = {
-        "output_dir": args.output_dir, "backbone": args.backbone, "steps": args.steps, "batch_pairs": args.batch_pairs,
-        "learning_rate": args.learning_rate, "max_train_pairs": args.max_train_pairs, "seed": args.seed,
-        "feature_cache": args.feature_cache, "include_pku": args.include_pku, "eval_every": args.eval_every,
-        "candidate_tokens": args.candidate_tokens or None,
-    }
+    overrides = {name: getattr(args, name) for name in args.override_names if hasattr(args, name)}
+    whole_vocabulary = overrides.get("candidate_tokens") == 0
+    if whole_vocabulary:
+        del overrides["candidate_tokens"]
     if args.reward_layers is not None:
         overrides["model"] = {"reward_layers": args.reward_layers}
     config = TrainConfig.from_json(args.config or DEFAULT_TRAIN_CONFIG, **overrides)
-    if args.candidate_tokens == 0:  # None overrides keep the file's value, so "the whole vocabulary" is set here
+    if whole_vocabulary:  # None overrides keep the file's value, so "the whole vocabulary" is set here
         config = dataclasses.replace(config, candidate_tokens=None)
     train(config, progress=not args.no_progress)
     print(f"saved the trained heads to {config.output_dir}/model")
@@ -209,40 +230,33 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_sweep(subparsers) -> None:
-    parser = subparsers.add_parser("sweep", help="generate and score every method over a preference grid (resumable)")
-    parser.add_argument("--prompts", required=True, help="prompts .jsonl/.json(.gz) ({'prompt': ...} or HH-RLHF pairs), a text file "
-                        "(one prompt a line), or split:test[:objective] for the vendored held-out prompts")
-    parser.add_argument("--methods", default="dualhead,base", help="comma-separated registered methods (paretoalign.methods)")
-    parser.add_argument("--grid", type=int, default=11, help="preference points per simplex edge (11: 0, 0.1, ..., 1)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="sweep directory: sweep.json, results.jsonl, methods.jsonl")
-    parser.add_argument("--checkpoint", default=None, help="Dual-Head checkpoint directory (default: the shipped one)")
-    parser.add_argument("--backbone", default=None, help="backbone id or path, when not loading it from a checkpoint")
-    parser.add_argument("--scorer", default=None, help="reward scorer spec (default: the shipped offline scorer)")
-    parser.add_argument("--strength", type=float, default=None, help="steering strength (default: each method's own)")
-    parser.add_argument("--fusion", default=None, choices=["gate", "genarm"], help="Dual-Head fusion (default: the checkpoint's)")
-    parser.add_argument("--guidance-top-k", type=int, default=None, help="Dual-Head: steer within the base model's top-k tokens (default: the checkpoint's; 0: all)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--limit", type=int, default=None, help="sweep only the first N prompts")
-    parser.add_argument("--batch-size", type=int, default=16, help="rows (prompt x preference) generated together")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+def _add_config_command(subparsers, name: str, config_class, handler, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose options are the fields of a config dataclass (names, types, defaults and help from it)."""
+    from transformers import HfArgumentParser
+
+    parser = subparsers.add_parser(name, parents=[HfArgumentParser(config_class, add_help=False)], help=help)
     parser.add_argument("--no-progress", action="store_true")
-    parser.set_defaults(handler=run_sweep_command)
+    parser.set_defaults(handler=handler, config_class=config_class)
+    return parser
+
+
+def _config(args: argparse.Namespace):
+    """The config dataclass a subcommand made by :func:`_add_config_command` parsed (validated by the class)."""
+    return args.config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args.config_class)})
+
+
+def _add_sweep(subparsers) -> None:
+    from .evaluation.sweep import SweepConfig
+
+    _add_config_command(
+        subparsers, "sweep", SweepConfig, run_sweep_command, "generate and score every method over a preference grid (resumable)"
+    )
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
-    from .evaluation.sweep import SweepConfig, run_sweep
+    from .evaluation.sweep import run_sweep
 
-    config = SweepConfig(
-        prompts=args.prompts, out=args.out, methods=args.methods, grid=args.grid, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, strength=args.strength, fusion=args.fusion,
-        checkpoint=args.checkpoint, backbone=args.backbone, scorer=args.scorer, limit=args.limit, batch_size=args.batch_size,
-        device=args.device, guidance_top_k=args.guidance_top_k,
-    )
-    result = run_sweep(config, progress=not args.no_progress)
+    result = run_sweep(_config(args), progress=not args.no_progress)
     print(f"{result['written']} rows written, {result['skipped']} already done, {result['total']} in the sweep: {result['directory']}")
     return 0
 
@@ -393,24 +407,17 @@ def _add_steering(subparsers) -> None:
 
 
 def _add_sample_replies(subparsers) -> None:
-    from transformers import HfArgumentParser
-
     from .onpolicy import SampleConfig
 
-    parser = subparsers.add_parser(
-        "sample-replies",
-        parents=[HfArgumentParser(SampleConfig, add_help=False)],
-        help="sample k base-model replies to each prompt, for teachers to label (resumable)",
+    _add_config_command(
+        subparsers, "sample-replies", SampleConfig, run_sample_replies, "sample k base-model replies to each prompt, for teachers to label (resumable)"
     )
-    parser.add_argument("--no-progress", action="store_true")
-    parser.set_defaults(handler=run_sample_replies)
 
 
 def run_sample_replies(args: argparse.Namespace) -> int:
-    from .onpolicy import SampleConfig, sample_replies
+    from .onpolicy import sample_replies
 
-    config = SampleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SampleConfig)})
-    result = sample_replies(config, progress=not args.no_progress)
+    result = sample_replies(_config(args), progress=not args.no_progress)
     print(f"{result['written']} prompts sampled, {result['skipped']} already done, {result['total']} in all: {result['directory']}")
     return 0
 

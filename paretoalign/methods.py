@@ -60,8 +60,9 @@ def get_method(name: str) -> Method:
 
 
 def parse_methods(text: str | list[str]) -> list[str]:
-    """``"dualhead,base"`` (or a list) -> validated, de-duplicated method names in the given order."""
-    names = [part.strip() for part in text.split(",")] if isinstance(text, str) else [str(part).strip() for part in text]
+    """``"dualhead,base"`` (or a list, whose items may hold commas too) -> validated, de-duplicated method names in order."""
+    items = [text] if isinstance(text, str) else [str(item) for item in text]
+    names = [part.strip() for item in items for part in item.split(",")]
     if not names or any(not name for name in names):
         raise ValueError(f"methods must be comma-separated names such as 'dualhead,base', got {text!r}")
     for name in names:

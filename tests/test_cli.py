@@ -1,6 +1,7 @@
 """The ``paretoalign generate`` command, run in-process on a tiny backbone saved to disk."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +161,23 @@ def test_arm_accuracy_from_the_feature_cache_skips_the_backbone(make_model, tmp_
     for cached in (first, again[1:]):
         assert [r["accuracy"] for r in cached] == [r["accuracy"] for r in live]
         assert [r["mean_margin"] for r in cached] == pytest.approx([r["mean_margin"] for r in live], abs=2e-3)
+
+
+def test_train_options_come_from_the_config_fields_and_override_only_what_is_typed(tmp_path, monkeypatch, capsys):
+    import paretoalign.train as train_module
+
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda config, progress: seen.append(config))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"extends": str(Path(__file__).resolve().parents[1] / "configs" / "default.json"), "steps": 7, "learning_rate": 0.5}))
+    argv = ["train", "--config", str(config), "--output-dir", str(tmp_path / "run"), "--no-progress"]
+    assert main([*argv, "--steps", "3", "--no-include-pku", "--onpolicy", "a", "b", "--reward-layers", "2"]) == 0
+    assert main([*argv, "--candidate_tokens", "0"]) == 0
+    typed, untyped = seen
+    assert (typed.steps, typed.learning_rate, typed.include_pku, typed.onpolicy) == (3, 0.5, False, ["a", "b"])
+    assert typed.model["reward_layers"] == 2 and typed.model["reward_head"] == "hidden"  # merged into the file's model settings
+    assert (untyped.steps, untyped.include_pku, untyped.candidate_tokens, untyped.output_dir) == (7, True, None, str(tmp_path / "run"))
+    assert untyped.onpolicy == train_module.TrainConfig.from_json(config).onpolicy  # the file's value, not a default
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--steps", "many"])
+    assert exit_info.value.code == 2 and "--steps" in capsys.readouterr().err

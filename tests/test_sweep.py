@@ -327,7 +327,15 @@ def test_cli_sweep_then_report(make_model, backbone, tokenizer, prompts_file, tm
     assert "8 rows written, 0 already done, 8 in the sweep" in capsys.readouterr().out
     assert main(argv) == 0
     assert "0 rows written, 8 already done" in capsys.readouterr().out
-    for extra, message in [(["--methods", "dualhead,nope"], "unknown method 'nope'"), (["--grid", "4"], "grid: 3 -> 4")]:
+    # the options come from SweepConfig's fields: space-separated methods and the underscore spelling work too
+    assert main([*argv, "--methods", "dualhead", "base", "--max_new_tokens", "3"]) == 0
+    assert "0 rows written, 8 already done" in capsys.readouterr().out
+    for extra, message in [
+        (["--methods", "dualhead,nope"], "unknown method 'nope'"),
+        (["--grid", "4"], "grid: 3 -> 4"),
+        (["--fusion", "sum"], "fusion must be one of"),
+        (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
+    ]:
         with pytest.raises(SystemExit) as exit_info:
             main([*argv, *extra])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -171,27 +171,35 @@ def preference_grid(grid: int, num_objectives: int) -> list[tuple[float, ...]]:
 class SweepConfig:
     """What a sweep runs; ``paretoalign sweep`` builds one from its arguments."""
 
-    prompts: str = field(metadata={"help": "prompts file (.jsonl/.json/.jsonl.gz/plain text) or split:test[:objective]"})
-    out: str = field(metadata={"help": "the sweep directory (sweep.json, results.jsonl, methods.jsonl)"})
-    methods: list[str] = field(default_factory=lambda: ["dualhead", "base"], metadata={"help": "registered method names"})
-    grid: int = field(default=11, metadata={"help": "preference points per simplex edge"})
+    prompts: str = field(
+        metadata={
+            "help": "prompts .jsonl/.json(.gz) ({'prompt': ...} or HH-RLHF pairs), a text file (one prompt a line), or "
+            "split:test[:objective] for the vendored held-out prompts"
+        }
+    )
+    out: str = field(metadata={"help": "the sweep directory: sweep.json, results.jsonl, methods.jsonl"})
+    methods: list[str] = field(
+        default_factory=lambda: ["dualhead", "base"],
+        metadata={"help": "registered methods (paretoalign.methods), comma- or space-separated: dualhead,base"},
+    )
+    grid: int = field(default=11, metadata={"help": "preference points per simplex edge (11: 0, 0.1, ..., 1)"})
     max_new_tokens: int = 128
     temperature: float = field(default=0.0, metadata={"help": "0 is greedy"})
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
     strength: float | None = field(default=None, metadata={"help": "steering strength passed to every method (default: its own)"})
-    fusion: str | None = field(default=None, metadata={"help": "Dual-Head fusion override: gate or genarm"})
+    fusion: str | None = field(default=None, metadata={"help": "Dual-Head fusion, gate or genarm (default: the checkpoint's)"})
     guidance_top_k: int | None = field(
         default=None, metadata={"help": "Dual-Head: steer within the base model's top-k tokens (default: the checkpoint's; 0: all)"}
     )
-    checkpoint: str | None = None
-    backbone: str | None = None
-    scorer: str | None = field(default=None, metadata={"help": "reward scorer spec for load_scorer (default: the shipped one)"})
+    checkpoint: str | None = field(default=None, metadata={"help": "Dual-Head checkpoint directory (default: the shipped one)"})
+    backbone: str | None = field(default=None, metadata={"help": "backbone id or path, when not loading it from a checkpoint"})
+    scorer: str | None = field(default=None, metadata={"help": "reward scorer spec for load_scorer (default: the shipped offline scorer)"})
     limit: int | None = field(default=None, metadata={"help": "sweep only the first N prompts"})
     batch_size: int = field(default=16, metadata={"help": "rows (prompt x preference) generated together"})
     system_prompt: str | None = None
-    device: str | None = None
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
 
     def __post_init__(self):
         from ..generation import SamplingConfig
