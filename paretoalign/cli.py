@@ -173,6 +173,10 @@ def _add_arm_accuracy(subparsers) -> None:
         "there once, so scoring them again (other preferences or heads) skips the backbone",
     )
     cache.add_argument("--no-feature-cache", action="store_true", help="run the backbone on every pair and write nothing")
+    parser.add_argument(
+        "--feature-dtype", default="float32", choices=["float32", "bfloat16"],
+        help="precision of the backbone's matmuls while caching the pairs' states (bfloat16: several times faster on CPUs with bf16 instructions)",
+    )
     parser.set_defaults(handler=run_arm_accuracy)
 
 
@@ -198,7 +202,9 @@ def run_arm_accuracy(args: argparse.Namespace) -> int:
     from .features import feature_cache_root
 
     cache = None if args.no_feature_cache else feature_cache_root(args.feature_cache)
-    (result,) = arm_accuracy(model, pairs, [preference], batch_pairs=args.batch_pairs, progress=not args.json, feature_cache=cache)
+    (result,) = arm_accuracy(
+        model, pairs, [preference], batch_pairs=args.batch_pairs, progress=not args.json, feature_cache=cache, feature_dtype=args.feature_dtype
+    )
     if args.json:
         print(json.dumps({"accuracy": result["accuracy"], "n": result["n"], "mean_margin": result["mean_margin"]}))
     else:

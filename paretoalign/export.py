@@ -221,7 +221,7 @@ def export_run(run_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, pr
     config = json.loads((run_dir / "train_config.json").read_text())
     results = held_out_accuracy(
         model, progress=progress, max_pairs=max_pairs, max_length=config["max_length"], max_prompt_length=config["max_prompt_length"],
-        feature_cache=feature_cache_root(config.get("feature_cache")),
+        feature_cache=feature_cache_root(config.get("feature_cache")), feature_dtype=config.get("feature_dtype", "float32"),
     )
     staging = checkpoint_dir.with_name(f".{checkpoint_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)

@@ -167,6 +167,7 @@ def arm_accuracy(
     max_prompt_length: int = 384,
     progress: bool = False,
     feature_cache: str | os.PathLike | None = None,
+    feature_dtype: str = "float32",
 ) -> list[dict]:
     """How often the reward head gives the chosen reply the higher reward, at each of ``preferences``.
 
@@ -174,7 +175,8 @@ def arm_accuracy(
     ``~/.cache/paretoalign/features`` that training uses), the backbone's states come from a feature cache of these
     pairs' sequences, built once (:func:`~paretoalign.features.build_feature_cache` copies every sequence another
     cache there already holds): a second evaluation of the same pairs, at other preferences or with other heads on
-    the same backbone, skips the backbone. Without it the backbone runs once per pair and nothing is written.
+    the same backbone, skips the backbone; ``feature_dtype`` is the precision of that cache's build (as in training:
+    ``"bfloat16"`` reads a bf16-computed cache). Without it the backbone runs once per pair and nothing is written.
     Returns one ``{"preference", "accuracy", "n", "mean_margin"}`` per preference.
     """
     if not pairs:
@@ -184,7 +186,7 @@ def arm_accuracy(
     collator = PreferenceCollator(model.tokenizer, max_length, max_prompt_length)
     model.eval()
     margins: list[list[float]] = [[] for _ in preferences]
-    for batch in _pair_batches(model, collator, list(pairs), batch_pairs, progress, feature_cache):
+    for batch in _pair_batches(model, collator, list(pairs), batch_pairs, progress, feature_cache, feature_dtype):
         for index, preference in enumerate(preferences):
             rows = model.preference_batch(preference, batch.input_ids.shape[0])  # (2B, k)
             chosen, rejected = score_pairs(model, batch, rows, fused=False).chosen_and_rejected()
@@ -200,7 +202,9 @@ def arm_accuracy(
     ]
 
 
-def _pair_batches(model: DualHeadModel, collator: PreferenceCollator, pairs: list[PreferencePair], batch_pairs: int, progress: bool, feature_cache):
+def _pair_batches(
+    model: DualHeadModel, collator: PreferenceCollator, pairs: list[PreferencePair], batch_pairs: int, progress: bool, feature_cache, feature_dtype: str
+):
     """:class:`PairBatch` es of ``batch_pairs`` pairs (chosen rows, then rejected), from a feature cache or the backbone."""
     if feature_cache is not None:
         import numpy as np
@@ -210,8 +214,10 @@ def _pair_batches(model: DualHeadModel, collator: PreferenceCollator, pairs: lis
 
         sequences: list[list[int]] = []
         index = add_pair_sequences(collator, pairs, sequences)
-        cache = build_feature_cache(model, sequences, feature_cache, progress=progress)
-        block = None if model.branch_layer is None else build_feature_cache(model, sequences, feature_cache, progress=progress, layer=model.branch_layer)
+        cache = build_feature_cache(model, sequences, feature_cache, progress=progress, compute_dtype=feature_dtype)
+        block = None
+        if model.branch_layer is not None:
+            block = build_feature_cache(model, sequences, feature_cache, progress=progress, layer=model.branch_layer, compute_dtype=feature_dtype)
         for start in tqdm(range(0, len(pairs), batch_pairs), desc="scoring pairs", disable=not progress):
             ids = np.arange(start, min(start + batch_pairs, len(pairs)))
             yield collate_pairs(cache, index, ids, block, model.branch_layer).to(model.device)

@@ -27,7 +27,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .backbone import DEFAULT_BACKBONE, load_backbone
 from .data import PreferenceCollator, PreferencePair, load_default_pairs, split_pools
 from .candidates import CandidateBatch, CandidateCache, build_candidate_cache
-from .features import FeatureCache, build_feature_cache, feature_cache_root
+from .features import FeatureCache, build_feature_cache, check_compute_dtype, feature_cache_root
 from .files import TRAINER_STATE_NAME, atomic_write, latest_checkpoint, read_json_object, read_optimizer_state, read_safetensors, write_checkpoint, write_optimizer_state
 from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss, sample_preference
 from .model import DualHeadConfig, DualHeadModel
@@ -141,6 +141,13 @@ class TrainConfig:
     eval_every: int = field(default=100, metadata={"help": "steps between validation passes"})
     feature_cache: str | None = field(default=None, metadata={"help": "feature cache folder (default: the user cache)"})
     max_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per backbone batch while caching"})
+    feature_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "precision of the backbone's matmuls while caching features: float32 or bfloat16 (several times "
+            "faster on CPUs with bf16 instructions; a separate cache)"
+        },
+    )
     tail_samples: int = field(
         default=0,
         metadata={
@@ -167,6 +174,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
+        check_compute_dtype(self.feature_dtype)
         if self.block_cache_layer is not None and (
             isinstance(self.block_cache_layer, bool) or not isinstance(self.block_cache_layer, int) or self.block_cache_layer < 0
         ):
@@ -391,7 +399,7 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
                     raise ValueError(f"train_sources[{objective!r}] = {allowed} keeps none of its {len(chosen_pairs)} training pairs")
     groups = add_onpolicy_sequences(collator, config.onpolicy, sequences)
     root = feature_cache_root(config.feature_cache)
-    cache = build_feature_cache(model, sequences, root, config.max_batch_tokens, progress)
+    cache = build_feature_cache(model, sequences, root, config.max_batch_tokens, progress, compute_dtype=config.feature_dtype)
     block_cache, block_layer = None, None
     if model.reward_branch is not None:
         block_layer = model.branch_layer if config.block_cache_layer is None else config.block_cache_layer
@@ -399,7 +407,9 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
             raise ValueError(
                 f"block_cache_layer must be at most {model.branch_layer} (N - reward_layers), got {config.block_cache_layer!r}"
             )
-        block_cache = build_feature_cache(model, sequences, root, config.max_batch_tokens, progress, layer=block_layer)
+        block_cache = build_feature_cache(
+            model, sequences, root, config.max_batch_tokens, progress, layer=block_layer, compute_dtype=config.feature_dtype
+        )
     candidates = None
     if config.candidate_tokens is not None:
         prompt_lengths = sequence_prompt_lengths([i for split in indices.values() for i in split.values()], len(sequences))

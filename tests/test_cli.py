@@ -178,6 +178,7 @@ def test_train_options_come_from_the_config_fields_and_override_only_what_is_typ
     assert typed.model["reward_layers"] == 2 and typed.model["reward_head"] == "hidden"  # merged into the file's model settings
     assert (untyped.steps, untyped.include_pku, untyped.candidate_tokens, untyped.output_dir) == (7, True, None, str(tmp_path / "run"))
     assert untyped.onpolicy == train_module.TrainConfig.from_json(config).onpolicy  # the file's value, not a default
-    with pytest.raises(SystemExit) as exit_info:
-        main([*argv, "--steps", "many"])
-    assert exit_info.value.code == 2 and "--steps" in capsys.readouterr().err
+    for extra, message in [(["--steps", "many"], "--steps"), (["--feature-dtype", "float16"], "feature_dtype must be one of")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, *extra])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -176,6 +176,26 @@ def test_feature_cache_copies_the_sequences_it_already_holds(make_model, tmp_pat
     assert json.loads((again.directory / "meta.json").read_text())["reused_sequences"] == 0
 
 
+def test_a_bf16_feature_cache_is_its_own_cache_and_close_to_the_fp32_one(make_model, tmp_path):
+    model = make_model(randomize=False)
+    rng = np.random.default_rng(1)
+    sequences = [rng.integers(3, 200, size=n).tolist() for n in (5, 9, 12)]
+    fp32 = build_feature_cache(model, sequences, tmp_path, progress=False)
+    bf16 = build_feature_cache(model, sequences, tmp_path, progress=False, compute_dtype="bfloat16")
+    assert bf16.directory != fp32.directory  # bf16 states never stand in for fp32 ones, nor donate to them
+    assert json.loads((bf16.directory / "meta.json").read_text())["reused_sequences"] == 0
+    assert json.loads((bf16.directory / "meta.json").read_text())["header"]["compute_dtype"] == "bfloat16"
+    assert "compute_dtype" not in json.loads((fp32.directory / "meta.json").read_text())["header"]  # fp32 keys as before
+    for i in range(len(sequences)):
+        exact, rounded = (np.asarray(cache.sequence(i)[1], np.float32) for cache in (fp32, bf16))
+        assert not np.array_equal(exact, rounded)  # the matmuls really ran in bf16
+        relative = np.linalg.norm(rounded - exact, axis=-1) / np.linalg.norm(exact, axis=-1)
+        assert relative.mean() < 0.05, relative
+    assert build_feature_cache(model, sequences, tmp_path, progress=False, compute_dtype="bfloat16").directory == bf16.directory
+    with pytest.raises(ValueError, match="feature_dtype must be one of .*'float16'"):
+        build_feature_cache(model, sequences, tmp_path, progress=False, compute_dtype="float16")
+
+
 def test_onpolicy_pairs_join_training_and_reuse_the_cache(backbone, tokenizer, make_model, small_data, tmp_path):
     from paretoalign.model import DualHeadModel
     from paretoalign.train import TrainConfig, prepare_data
