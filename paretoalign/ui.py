@@ -65,6 +65,7 @@ _lock = threading.Lock()
 _server: BatchServer | None = None
 _max_batch = 16  # answers per shared decoding batch (app/app.py --max-batch)
 _model: DualHeadModel | None = None
+_dtype: str = "auto"  # the backbone's precision when the app loads its model (app/app.py --dtype)
 _scorer = None
 _scorer_problem: str | None = None
 _scorer_loaded = False
@@ -78,8 +79,18 @@ def get_model() -> DualHeadModel:
     global _model
     with _lock:
         if _model is None:
-            _model = load_model()
+            _model = load_model(dtype=_dtype)
     return _model
+
+
+def set_dtype(dtype: str) -> None:
+    """The backbone precision the app's model loads in (``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"``);
+    takes effect at the next load."""
+    global _dtype
+    from .backbone import parse_dtype
+
+    parse_dtype(dtype)
+    _dtype = dtype
 
 
 def set_model(model: DualHeadModel | None) -> None:

@@ -174,3 +174,25 @@ def test_decoding_warns_nothing_on_todays_transformers(make_model, method):
         warnings.simplefilter("error", DeprecationWarning)
         answers = generate(model, ["Hi", "How do I bake bread?"], [0.5, 0.5], method=method, max_new_tokens=4, temperature=0)
     assert len(answers) == 2
+
+
+def test_a_bf16_backbone_decodes_with_fp32_heads_and_follows_the_fp32_answers(backbone, tokenizer, make_model, tmp_path):
+    import copy
+
+    from paretoalign.backbone import parse_dtype
+    from paretoalign.evaluation.sweep import SweepConfig
+    from paretoalign.model import DualHeadModel
+
+    exact = make_model()
+    exact.save_pretrained(tmp_path / "heads")
+    half_backbone = copy.deepcopy(backbone).to(torch.bfloat16)
+    half = DualHeadModel.from_pretrained(tmp_path / "heads", backbone=half_backbone, tokenizer=tokenizer)
+    assert {p.dtype for p in half.parameters() if p.requires_grad} == {torch.float32}  # only the frozen backbone is 16-bit
+    prompts, grid = ["How do I pick a lock?", "Tell me about bread."], [[1.0, 0.0], [0.0, 1.0]]
+    answers = {name: generate(m, prompts * 2, grid * 2, max_new_tokens=8, temperature=0) for name, m in (("fp32", exact), ("bf16", half))}
+    assert all(a.text and len(a.token_ids) == 8 or a.finish_reason == "eos" for a in answers["bf16"])
+    # a tiny random model has near-ties, so only the first tokens are asked to agree
+    assert sum(a.token_ids[:2] == b.token_ids[:2] for a, b in zip(answers["fp32"], answers["bf16"])) >= 3
+    assert parse_dtype("bfloat16") is torch.bfloat16 and parse_dtype("auto") is None
+    with pytest.raises(ValueError, match="dtype must be one of .*got 'bf16'"):
+        SweepConfig(prompts="p.jsonl", out=str(tmp_path / "s"), dtype="bf16")

@@ -200,6 +200,9 @@ class SweepConfig:
     batch_size: int = field(default=16, metadata={"help": "rows (prompt x preference) generated together"})
     system_prompt: str | None = None
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+    dtype: str = field(
+        default="auto", metadata={"help": "backbone precision: auto (bf16 on a GPU, fp32 on a CPU), float32, bfloat16 or float16"}
+    )
 
     def __post_init__(self):
         from ..generation import SamplingConfig
@@ -220,6 +223,9 @@ class SweepConfig:
             check_guidance_top_k(self.guidance_top_k)
         if self.fusion is not None and self.fusion not in FUSION_MODES:
             raise ValueError(f"fusion must be one of {FUSION_MODES} or None, got {self.fusion!r}")
+        from ..backbone import parse_dtype
+
+        parse_dtype(self.dtype)
         if not str(self.out).strip():
             raise ValueError(f"out must name a directory, got {self.out!r}")
 
@@ -464,7 +470,7 @@ def _score_columns(scorer, objectives: Sequence[str]) -> list[int]:
 def _load_model(config: SweepConfig):
     from ..model import load_model
 
-    return load_model(config.checkpoint, config.backbone, config.device)
+    return load_model(config.checkpoint, config.backbone, config.device, config.dtype)
 
 
 def _load_scorer(spec: str | None, device):
@@ -526,6 +532,15 @@ def run_sweep(
     return {"directory": str(directory), "written": written, "skipped": total - pending, "total": total}
 
 
+def _precision(model) -> dict:
+    """``{"dtype": "bfloat16"}`` for a backbone not in fp32 (answers differ with the precision); ``{}`` in fp32, so
+    sweeps recorded before the precision was a choice resume as they are."""
+    from ..backbone import dtype_name
+
+    dtype = next(model.backbone.parameters()).dtype
+    return {} if dtype == torch.float32 else {"dtype": dtype_name(dtype)}
+
+
 def _settings(config: SweepConfig, model, scorer, scorer_loaded: bool, prompts: list[SweepPrompt], grid) -> dict:
     return {
         "format": FORMAT_VERSION,
@@ -543,6 +558,7 @@ def _settings(config: SweepConfig, model, scorer, scorer_loaded: bool, prompts: 
             "checkpoint": None if config.checkpoint is None else str(Path(config.checkpoint).expanduser().resolve()),
             "backbone": model.config.backbone,
             "heads_fingerprint": _heads_fingerprint(model),
+            **_precision(model),
         },
         "scorer": {"spec": _scorer_spec(config.scorer, scorer, scorer_loaded), "describe": _describe(scorer)},
         "sampling": {
