@@ -64,7 +64,7 @@ def main() -> None:
         for objective in model.objectives
         if objective in splits
     }
-    collator = PreferenceCollator(model.tokenizer, 256, 192)
+    collator = PreferenceCollator(model.tokenizer, 512, 384)  # as arm_accuracy reads them, so it finds these caches
     sequences: list[list[int]] = []
     for group in pairs.values():
         add_pair_sequences(collator, group, sequences)
