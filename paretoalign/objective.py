@@ -30,6 +30,7 @@ class PairBatch:
     block_hidden: torch.Tensor | None = None  # (2B, T, d) input of block ``block_layer``, for a reward branch
     block_layer: int | None = None
     candidates: CandidateBatch | None = None  # the frozen LM's likeliest tokens at the response positions (training)
+    sampled: torch.Tensor | None = None  # (2B,) bool: the reply is the backbone's own sample (on-policy), not human-written
 
     @property
     def num_pairs(self) -> int:
@@ -39,7 +40,8 @@ class PairBatch:
         tensors = (self.hidden, self.input_ids, self.attention_mask, self.response_mask)
         block = None if self.block_hidden is None else self.block_hidden.to(device)
         candidates = None if self.candidates is None else self.candidates.to(device)
-        return PairBatch(*(t.to(device) for t in tensors), block, self.block_layer, candidates)
+        sampled = None if self.sampled is None else self.sampled.to(device)
+        return PairBatch(*(t.to(device) for t in tensors), block, self.block_layer, candidates, sampled)
 
 
 def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -63,7 +65,8 @@ def join_pair_batches(batches: list[PairBatch]) -> PairBatch:
     block = None if batches[0].block_hidden is None else _pad_cat([b.block_hidden for b in batches])
     # Rows keep their order and padding is on the left, so the response positions stay in row-major order.
     candidates = None if batches[0].candidates is None else CandidateBatch.cat([b.candidates for b in batches])
-    return PairBatch(*(_pad_cat([getattr(b, name) for b in batches]) for name in names), block, layers.pop(), candidates)
+    sampled = None if any(b.sampled is None for b in batches) else torch.cat([b.sampled for b in batches])
+    return PairBatch(*(_pad_cat([getattr(b, name) for b in batches]) for name in names), block, layers.pop(), candidates, sampled)
 
 
 @dataclass

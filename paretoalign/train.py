@@ -70,6 +70,14 @@ class TrainConfig:
     beta_r: float = field(default=0.1, metadata={"help": "Bradley-Terry scale on R(chosen) - R(rejected)"})
     lambda_r: float = field(default=1.0, metadata={"help": "weight of the preference losses"})
     lambda_g: float = field(default=0.01, metadata={"help": "weight of the gate entropy regulariser"})
+    lm_loss_replies: str = field(
+        default="all",
+        metadata={
+            "help": "the chosen replies whose LM loss trains the gate: all, or written (human-written ones only, not the "
+            "backbone's own on-policy samples, whose likelihood the frozen LM already maximises, so on them the loss "
+            "only teaches the gate to close)"
+        },
+    )
     lm_loss_trains_reward_head: bool = field(
         default=False,
         metadata={
@@ -175,6 +183,8 @@ class TrainConfig:
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
         check_compute_dtype(self.feature_dtype)
+        if self.lm_loss_replies not in ("all", "written"):
+            raise ValueError(f"lm_loss_replies must be 'all' or 'written', got {self.lm_loss_replies!r}")
         if self.block_cache_layer is not None and (
             isinstance(self.block_cache_layer, bool) or not isinstance(self.block_cache_layer, int) or self.block_cache_layer < 0
         ):
@@ -318,11 +328,14 @@ class PreparedData:
     teacher_report: dict | None = None  # what the teachers labelled (``teacher_objectives``)
     conflicts: dict | None = None  # {(objective, teacher objective): validation pairs the two label opposite ways}
     onpolicy_scores: list[dict] | None = None  # each sampled prompt's teacher reward per reply and objective
+    first_sampled: int | None = None  # cached sequences from this index on are the backbone's own replies (onpolicy)
 
     def collate(self, index: PairIndex, pair_ids: np.ndarray, candidates: bool = True) -> PairBatch:
         """The pairs ``pair_ids`` of ``index`` as a :class:`PairBatch`, with the block states and (``candidates``)
         the candidate tokens when cached."""
         batch = collate_pairs(self.cache, index, pair_ids, self.block_cache, self.block_layer)
+        rows = np.concatenate([index.chosen[pair_ids], index.rejected[pair_ids]])  # (2B,) as collate_pairs orders them
+        batch.sampled = torch.from_numpy(rows >= (len(self.cache) if self.first_sampled is None else self.first_sampled))
         if candidates and self.candidates is not None:
             batch.candidates = collate_candidates(self.candidates, index, pair_ids)
         return batch
@@ -397,6 +410,7 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
                 kept[objective] = np.array([pair.source in allowed for pair in chosen_pairs], dtype=bool)
                 if not kept[objective].any():
                     raise ValueError(f"train_sources[{objective!r}] = {allowed} keeps none of its {len(chosen_pairs)} training pairs")
+    first_sampled = len(sequences)  # every human-written pair's sequences come before the sampled replies
     groups = add_onpolicy_sequences(collator, config.onpolicy, sequences)
     root = feature_cache_root(config.feature_cache)
     cache = build_feature_cache(model, sequences, root, config.max_batch_tokens, progress, compute_dtype=config.feature_dtype)
@@ -442,7 +456,9 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
                 onpolicy_scores.append(
                     {"folders": group.folders, "prompt_id": group.prompt_id, "source": group.source, "teacher_rewards": scores}
                 )
-    return PreparedData(cache, train_index, indices["validation"], block_cache, block_layer, candidates, report, conflicts, onpolicy_scores)
+    return PreparedData(
+        cache, train_index, indices["validation"], block_cache, block_layer, candidates, report, conflicts, onpolicy_scores, first_sampled
+    )
 
 
 def collate_pairs(
@@ -548,8 +564,15 @@ def training_loss(model: DualHeadModel, batches: list[PairBatch], preference: to
         stats[f"{name}/pref_loss"] = loss.item()
         chosen_rows[start : start + size] = True
         start += 2 * size
+    if config.lm_loss_replies == "written":
+        if joined.sampled is None:
+            raise ValueError("lm_loss_replies 'written' needs batches that say which replies were sampled (PairBatch.sampled)")
+        chosen_rows &= ~joined.sampled.to(chosen_rows.device)
     chosen_tokens = chosen_rows[scores.rows]  # (N,) response tokens of chosen replies
-    lm = -scores.fused_logprobs[chosen_tokens].mean()
+    if chosen_tokens.any():
+        lm = -scores.fused_logprobs[chosen_tokens].mean()
+    else:  # no written chosen reply in this step's batch: no LM loss, and no gradient to the gate from it
+        lm = scores.fused_logprobs.sum() * 0.0
     gate = gate_entropy_loss(scores.gate, scores.mask, config.lambda_g)
     total = multi_objective_loss(lm, torch.stack(pref_losses), weights.to(lm.device), gate, config.lambda_r)
     stats.update({"loss": total.item(), "lm_loss": lm.item(), "gate_loss": gate.item(), "gate_mean": scores.gate[scores.mask].mean().item()})

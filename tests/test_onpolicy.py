@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from paretoalign import features as features_module
 from paretoalign import onpolicy as onpolicy_module
@@ -221,6 +222,25 @@ def test_onpolicy_pairs_join_training_and_reuse_the_cache(backbone, tokenizer, m
         assert added == sum(entry[f"kept_{name}"] for entry in report.values())
         assert np.all(data.train[name].chosen[len(plain.train[name].chosen) :] >= len(plain.cache))  # the sampled replies
     assert len(data.candidates.offsets) == len(data.cache) + 1
+    # batches say which replies the backbone sampled; with lm_loss_replies "written" the gate's LM loss skips them
+    from dataclasses import replace
+
+    from paretoalign.train import training_loss
+
+    name = "harmlessness"
+    index, human = data.train[name], len(plain.train[name].chosen)
+    sampled_ids, written_ids = np.arange(human, len(index.chosen))[:3], np.arange(3)
+    assert len(sampled_ids) and data.collate(index, sampled_ids).sampled.all() and not data.collate(index, written_ids).sampled.any()
+    written = replace(config, lm_loss_replies="written")
+    for ids, expect_lm in ((sampled_ids, False), (written_ids, True)):
+        batches = [data.collate(index, ids), data.collate(index, ids)]
+        _, every = training_loss(model, batches, torch.tensor([0.5, 0.5]), config)
+        _, only_written = training_loss(model, batches, torch.tensor([0.5, 0.5]), written)
+        assert every["lm_loss"] > 0 and (only_written["lm_loss"] > 0) == expect_lm
+        if expect_lm:
+            assert only_written["lm_loss"] == pytest.approx(every["lm_loss"])
+    with pytest.raises(ValueError, match="lm_loss_replies must be 'all' or 'written', got 'human'"):
+        TrainConfig(**settings, lm_loss_replies="human")
     # a second folder sampling the same prompts joins each prompt's group, so pairs form across the two folders
     openings = tmp_path / "openings"
     sample_replies(
