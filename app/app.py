@@ -37,6 +37,7 @@ if importlib.util.find_spec("paretoalign") is None:
 import gradio as gr
 
 from paretoalign import ui
+from paretoalign.backbone import DTYPES
 
 logger = logging.getLogger("paretoalign.app")
 
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         help=f"answers that users waiting at the same time share one decoding batch with (default {ui.max_batch()}; 1: one at a time)",
     )
     parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        "--dtype", default="auto", choices=["auto", *DTYPES],
         help="backbone precision (auto: bf16 on a GPU, fp32 on a CPU; bfloat16 decodes faster on CPUs with bf16 instructions)",
     )
     args = parser.parse_args(argv)

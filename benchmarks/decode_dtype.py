@@ -26,9 +26,9 @@ for path in (REPO_ROOT, BENCHMARKS):  # run as a script from a checkout without 
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from decode_throughput import PROMPTS, SuppressEOS, batches_for  # noqa: E402
+from decode_throughput import PROMPTS, batches_for, run_method  # noqa: E402
 
-from paretoalign.generation import eos_token_ids, generate, make_decoder, prepare_batch  # noqa: E402
+from paretoalign.generation import generate, prepare_batch  # noqa: E402
 from paretoalign.model import load_model, restrict_to_base_top_k  # noqa: E402
 
 PREFERENCES = ([1.0, 0.0], [0.5, 0.5], [0.0, 1.0])
@@ -72,18 +72,10 @@ def weight_bytes(model) -> int:
 
 @torch.no_grad()
 def run(variant: str, models: dict, prompts, preference, new_tokens: int) -> int:
-    model = models["bf16" if variant.endswith("bf16") else "fp32"]
-    _, input_ids, attention_mask, _ = prepare_batch(model, prompts, preference)
-    eos = eos_token_ids(model.tokenizer, model.backbone)
-    if variant.startswith("hf_generate"):
-        out = model.backbone.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            temperature=None, top_p=None, top_k=None, eos_token_id=eos, pad_token_id=model.tokenizer.pad_token_id,
-        )
-        return (out.shape[1] - input_ids.shape[1]) * out.shape[0]
-    decoder = SuppressEOS(make_decoder(model, "dualhead"), eos)
-    answers = generate(model, prompts, preference, decoder=decoder, max_new_tokens=new_tokens, temperature=0, seed=0)
-    return sum(len(a.token_ids) for a in answers)
+    """Tokens decoded by ``variant`` (``"<method> <dtype>"``), every row forced to ``new_tokens``."""
+    method, dtype = variant.split()
+    count, _ = run_method(models[dtype], prompts, preference, method, argparse.Namespace(max_new_tokens=new_tokens, allow_eos=False))
+    return count
 
 
 def speed(models: dict, batch_size: int, args) -> dict:

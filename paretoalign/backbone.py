@@ -83,6 +83,18 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def weights_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype ``model``'s weights are held in."""
+    return next(model.parameters()).dtype
+
+
+def precision_record(model: torch.nn.Module) -> dict:
+    """``{"dtype": "bfloat16"}`` for a backbone not held in fp32, ``{}`` in fp32: what sweeps and sampling folders
+    record, so that those recorded before the precision was a choice still resume (answers depend on it)."""
+    dtype = weights_dtype(model)
+    return {} if dtype == torch.float32 else {"dtype": dtype_name(dtype)}
+
+
 def cache_dir() -> Path:
     """Where converted backbones live: ``$PARETOALIGN_CACHE`` or ``~/.cache/paretoalign``."""
     root = os.environ.get(CACHE_ENV)

@@ -14,6 +14,8 @@ from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference
 
 
 def _add_generate(subparsers) -> None:
+    from .backbone import DTYPES
+
     parser = subparsers.add_parser("generate", help="answer a prompt steered by a preference over objectives")
     parser.add_argument("--prompt", required=True, help="the user message")
     parser.add_argument("--preference", required=True, help="weights over the objectives, e.g. 0.2,0.8 (sum to 1); a value starting with '-' needs the = form, --preference=-1,2")
@@ -35,7 +37,7 @@ def _add_generate(subparsers) -> None:
     parser.add_argument("--system-prompt", default=None)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        "--dtype", default="auto", choices=["auto", *DTYPES],
         help="backbone precision (auto: bf16 on a GPU, fp32 on a CPU; bfloat16 is faster on CPUs with bf16 instructions)",
     )
     parser.add_argument("--trust-remote-code", action="store_true", help="let transformers run the backbone's own code")
@@ -157,6 +159,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _add_arm_accuracy(subparsers) -> None:
+    from .features import COMPUTE_DTYPES
+
     parser = subparsers.add_parser("arm-accuracy", help="how often the reward head prefers the chosen reply of a pairs file")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="HH-RLHF jsonl(.gz) or PKU-SafeRLHF json pairs file")
@@ -178,7 +182,7 @@ def _add_arm_accuracy(subparsers) -> None:
     )
     cache.add_argument("--no-feature-cache", action="store_true", help="run the backbone on every pair and write nothing")
     parser.add_argument(
-        "--feature-dtype", default="float32", choices=["float32", "bfloat16"],
+        "--feature-dtype", default="float32", choices=COMPUTE_DTYPES,
         help="precision of the backbone's matmuls while caching the pairs' states (bfloat16: several times faster on CPUs with bf16 instructions)",
     )
     parser.set_defaults(handler=run_arm_accuracy)

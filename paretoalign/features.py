@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .backbone import weights_dtype
 from .files import atomic_write, file_lock, load_array, read_json_object
 from .model import DualHeadModel, backbone_forward
 
@@ -43,7 +44,7 @@ def check_compute_dtype(name) -> str:
 def effective_compute_dtype(model: DualHeadModel, requested: str = "float32") -> str:
     """The precision a cache build's matmuls run in: bf16 when asked for or when the backbone's weights are bf16."""
     check_compute_dtype(requested)
-    return "bfloat16" if requested == "bfloat16" or next(model.backbone.parameters()).dtype == torch.bfloat16 else "float32"
+    return "bfloat16" if requested == "bfloat16" or weights_dtype(model.backbone) == torch.bfloat16 else "float32"
 
 
 def cache_header(model: DualHeadModel, extra: dict | None = None) -> dict:

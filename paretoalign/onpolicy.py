@@ -112,12 +112,10 @@ def read_replies(directory: str | os.PathLike) -> list[dict]:
 
 
 def _settings(config: SampleConfig, model) -> dict:
-    from .backbone import dtype_name
+    from .backbone import precision_record
 
     settings = {key: value for key, value in asdict(config).items() if key not in ("out", "batch_size", "limit", "skip", "backbone", "dtype")}
-    dtype = next(model.backbone.parameters()).dtype
-    if dtype != torch.float32:  # replies depend on the precision; fp32 folders read the same as before the option existed
-        settings["dtype"] = dtype_name(dtype)
+    settings.update(precision_record(model.backbone))  # the precision the replies were sampled in, not the one asked for
     for name in ("system_prompt", "reply_prefixes"):
         if settings[name] is None:
             del settings[name]  # folders sampled without them read the same as before the options existed

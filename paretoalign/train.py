@@ -333,9 +333,8 @@ class PreparedData:
     def collate(self, index: PairIndex, pair_ids: np.ndarray, candidates: bool = True) -> PairBatch:
         """The pairs ``pair_ids`` of ``index`` as a :class:`PairBatch`, with the block states and (``candidates``)
         the candidate tokens when cached."""
-        batch = collate_pairs(self.cache, index, pair_ids, self.block_cache, self.block_layer)
-        rows = np.concatenate([index.chosen[pair_ids], index.rejected[pair_ids]])  # (2B,) as collate_pairs orders them
-        batch.sampled = torch.from_numpy(rows >= (len(self.cache) if self.first_sampled is None else self.first_sampled))
+        first_sampled = len(self.cache) if self.first_sampled is None else self.first_sampled
+        batch = collate_pairs(self.cache, index, pair_ids, self.block_cache, self.block_layer, first_sampled)
         if candidates and self.candidates is not None:
             batch.candidates = collate_candidates(self.candidates, index, pair_ids)
         return batch
@@ -467,10 +466,12 @@ def collate_pairs(
     pair_ids: np.ndarray,
     block_cache: FeatureCache | None = None,
     block_layer: int | None = None,
+    first_sampled: int | None = None,
 ) -> PairBatch:
     """Left-padded :class:`PairBatch` of the chosen then the rejected sequences of ``pair_ids``.
 
-    ``block_cache`` (the same sequences' input of block ``block_layer``) fills ``block_hidden``.
+    ``block_cache`` (the same sequences' input of block ``block_layer``) fills ``block_hidden``; with
+    ``first_sampled`` (the index of the cache's first on-policy sequence) the batch marks the sampled replies.
     """
     rows = np.concatenate([index.chosen[pair_ids], index.rejected[pair_ids]])  # (2B,)
     prompt_lengths = np.concatenate([index.prompt_length[pair_ids]] * 2)  # (2B,)
@@ -493,7 +494,8 @@ def collate_pairs(
             block_hidden[i, start:] = torch.from_numpy(np.asarray(block_states, dtype=np.float32))
         attention_mask[i, start:] = 1
         response_mask[i, start + int(prompt_length) :] = 1
-    return PairBatch(hidden, input_ids, attention_mask, response_mask, block_hidden, block_layer)
+    sampled = None if first_sampled is None else torch.from_numpy(rows >= first_sampled)  # (2B,)
+    return PairBatch(hidden, input_ids, attention_mask, response_mask, block_hidden, block_layer, sampled=sampled)
 
 
 def sequence_prompt_lengths(indices: list[PairIndex], num_sequences: int) -> np.ndarray:

@@ -532,16 +532,9 @@ def run_sweep(
     return {"directory": str(directory), "written": written, "skipped": total - pending, "total": total}
 
 
-def _precision(model) -> dict:
-    """``{"dtype": "bfloat16"}`` for a backbone not in fp32 (answers differ with the precision); ``{}`` in fp32, so
-    sweeps recorded before the precision was a choice resume as they are."""
-    from ..backbone import dtype_name
-
-    dtype = next(model.backbone.parameters()).dtype
-    return {} if dtype == torch.float32 else {"dtype": dtype_name(dtype)}
-
-
 def _settings(config: SweepConfig, model, scorer, scorer_loaded: bool, prompts: list[SweepPrompt], grid) -> dict:
+    from ..backbone import precision_record
+
     return {
         "format": FORMAT_VERSION,
         "objectives": list(model.objectives),
@@ -558,7 +551,7 @@ def _settings(config: SweepConfig, model, scorer, scorer_loaded: bool, prompts: 
             "checkpoint": None if config.checkpoint is None else str(Path(config.checkpoint).expanduser().resolve()),
             "backbone": model.config.backbone,
             "heads_fingerprint": _heads_fingerprint(model),
-            **_precision(model),
+            **precision_record(model.backbone),
         },
         "scorer": {"spec": _scorer_spec(config.scorer, scorer, scorer_loaded), "describe": _describe(scorer)},
         "sampling": {
