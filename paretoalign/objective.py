@@ -78,10 +78,23 @@ class ResponseScores:
     rows: torch.Tensor  # (N,) which sequence each response token belongs to
     gate: torch.Tensor | None  # (2B, T - 1) alpha_t at the positions that predict tokens 1..T-1
     mask: torch.Tensor  # (2B, T - 1) bool, True where the predicted token is a response token
+    lm_logprobs: torch.Tensor | None = None  # (N,) the frozen LM's own log-prob of each response token (a constant)
 
     def chosen_and_rejected(self) -> tuple[torch.Tensor, torch.Tensor]:
         half = self.rewards.shape[0] // 2
         return self.rewards[:half], self.rewards[half:]  # (B,), (B,)
+
+    def fusion_gains(self, reduction: str = "mean") -> torch.Tensor:
+        """``(2B,)``: how much the fusion raises each response's log-likelihood over the frozen LM's, summed over its
+        tokens (``"mean"``: per token). A pair's chosen gain minus its rejected gain is the fused model's implicit
+        reward margin (DPO's, with the LM as reference); it moves only through the gate and the reward head."""
+        if self.fused_logprobs is None or self.lm_logprobs is None:
+            raise ValueError("fusion_gains needs scores computed with fused=True")
+        gains = self.fused_logprobs - self.lm_logprobs  # (N,)
+        totals = gains.new_zeros(self.mask.shape[0]).index_add(0, self.rows, gains)  # (2B,)
+        if reduction == "mean":
+            totals = totals / self.mask.sum(dim=1).clamp(min=1).to(totals.dtype)
+        return totals
 
 
 def score_pairs(
@@ -157,7 +170,8 @@ def score_pairs(
     alpha, _ = model.context_gate(batch.hidden.float(), batch.attention_mask, preference)  # (2B, T)
     # reward_readout: z_RM - z_LM at the candidates and tail samples (N, C + S), or z_RM over the vocabulary (N, V)
     fusion_reward = reward_readout if reward_grad_from_fusion else reward_readout.detach()
-    return ResponseScores(rewards, fused_logprobs(alpha[rows, cols], fusion_reward), rows, alpha[:, :-1], mask)
+    fused_token_logprobs = fused_logprobs(alpha[rows, cols], fusion_reward)  # (N,)
+    return ResponseScores(rewards, fused_token_logprobs, rows, alpha[:, :-1], mask, lm_token_logprobs.detach())
 
 
 @torch.no_grad()

@@ -40,6 +40,9 @@ PREFERENCE_SAMPLINGS = ("step", "objective")
 DEFAULT_TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.json"
 
 
+GATE_OBJECTIVES = ("lm", "preference", "both")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; saved as ``train_config.json`` beside its checkpoints."""
@@ -76,6 +79,14 @@ class TrainConfig:
             "help": "the chosen replies whose LM loss trains the gate: all, or written (human-written ones only, not the "
             "backbone's own on-policy samples, whose likelihood the frozen LM already maximises, so on them the loss "
             "only teaches the gate to close)"
+        },
+    )
+    gate_objective: str = field(
+        default="lm",
+        metadata={
+            "help": "what trains the gate: lm (the LM loss on the fused log-probs of chosen replies), preference (a "
+            "Bradley-Terry loss on the fused model's gain over the frozen LM, chosen minus rejected, per objective at "
+            "its preference: the gate opens where the reward head separates the pair), or both"
         },
     )
     lm_loss_trains_reward_head: bool = field(
@@ -185,6 +196,8 @@ class TrainConfig:
         check_compute_dtype(self.feature_dtype)
         if self.lm_loss_replies not in ("all", "written"):
             raise ValueError(f"lm_loss_replies must be 'all' or 'written', got {self.lm_loss_replies!r}")
+        if self.gate_objective not in GATE_OBJECTIVES:
+            raise ValueError(f"gate_objective must be one of {GATE_OBJECTIVES}, got {self.gate_objective!r}")
         if self.block_cache_layer is not None and (
             isinstance(self.block_cache_layer, bool) or not isinstance(self.block_cache_layer, int) or self.block_cache_layer < 0
         ):
@@ -554,7 +567,8 @@ def training_loss(model: DualHeadModel, batches: list[PairBatch], preference: to
     scores = score_pairs(
         model, joined, row_preference.to(joined.hidden.device), reward_grad_from_fusion=config.lm_loss_trains_reward_head
     )  # rows: [c_1, r_1, c_2, r_2, ...]
-    pref_losses, stats, start = [], {}, 0
+    pref_losses, gate_losses, stats, start = [], [], {}, 0
+    gains = scores.fusion_gains(model.config.reward_reduction) if config.gate_objective != "lm" else None  # (rows,)
     chosen_rows = torch.zeros(rows, dtype=torch.bool, device=joined.hidden.device)  # (rows,)
     for name, batch in zip(config.objectives, batches):
         size = batch.num_pairs
@@ -564,6 +578,11 @@ def training_loss(model: DualHeadModel, batches: list[PairBatch], preference: to
         pref_losses.append(loss)
         stats.update({f"{name}/{key}": value.item() for key, value in objective_stats.items()})
         stats[f"{name}/pref_loss"] = loss.item()
+        if gains is not None:  # the gate's preference loss on the fused model's implicit reward margin
+            gate_loss, gate_stats = arm_preference_loss(gains[start : start + size], gains[start + size : start + 2 * size], config.beta_r)
+            gate_losses.append(gate_loss)
+            stats[f"{name}/gate_pref_loss"] = gate_loss.item()
+            stats[f"{name}/gate_accuracy"] = gate_stats["rewards/accuracies"].item()
         chosen_rows[start : start + size] = True
         start += 2 * size
     if config.lm_loss_replies == "written":
@@ -571,11 +590,15 @@ def training_loss(model: DualHeadModel, batches: list[PairBatch], preference: to
             raise ValueError("lm_loss_replies 'written' needs batches that say which replies were sampled (PairBatch.sampled)")
         chosen_rows &= ~joined.sampled.to(chosen_rows.device)
     chosen_tokens = chosen_rows[scores.rows]  # (N,) response tokens of chosen replies
-    if chosen_tokens.any():
+    if config.gate_objective == "preference":
+        lm = scores.fused_logprobs.sum() * 0.0  # reported below as 0: the LM loss does not train the gate
+    elif chosen_tokens.any():
         lm = -scores.fused_logprobs[chosen_tokens].mean()
     else:  # no written chosen reply in this step's batch: no LM loss, and no gradient to the gate from it
         lm = scores.fused_logprobs.sum() * 0.0
     gate = gate_entropy_loss(scores.gate, scores.mask, config.lambda_g)
+    if gate_losses:
+        gate = gate + (torch.stack(gate_losses) * weights.to(lm.device)).sum()
     total = multi_objective_loss(lm, torch.stack(pref_losses), weights.to(lm.device), gate, config.lambda_r)
     stats.update({"loss": total.item(), "lm_loss": lm.item(), "gate_loss": gate.item(), "gate_mean": scores.gate[scores.mask].mean().item()})
     return total, stats

@@ -235,3 +235,37 @@ def test_reward_learning_rate_applies_to_the_reward_head_and_branch_only(backbon
     assert len(reward["params"]) + len(other["params"]) == sum(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="reward_learning_rate must be > 0 or null, got 0"):
         make_config(small_data, tmp_path, reward_learning_rate=0)
+
+
+def test_gate_preference_objective_trains_the_gate_only_and_lowers_its_loss(backbone, tokenizer, small_data, tmp_path):
+    # lambda_r 0 and lambda_g 0: what is left is the gate's preference loss on the fused gain over the frozen LM
+    config = make_config(small_data, tmp_path, gate_objective="preference", lambda_r=0.0, lambda_g=0.0)
+    model = fresh_model(backbone, tokenizer, config)
+    data = prepare_data(config, model, progress=False)
+    batches = [collate_pairs(data.cache, data.train[name], np.arange(6)) for name in config.objectives]
+    preference = torch.tensor([0.5, 0.5])
+    gate_params = [p for name, p in model.named_parameters() if "context_gate" in name and p.requires_grad]
+    head_params = [p for name, p in model.named_parameters() if "context_gate" not in name and p.requires_grad]
+    with torch.no_grad():  # a head that moves the log-probs, so the gate has something to let in
+        for p in head_params:
+            p.normal_(0, 0.05)
+
+    def gate_loss() -> float:
+        with torch.no_grad():
+            _, stats = training_loss(model, batches, preference, config)
+        return stats["helpfulness/gate_pref_loss"] + stats["harmlessness/gate_pref_loss"]
+
+    loss, stats = training_loss(model, batches, preference, config)
+    assert stats["lm_loss"] == 0 and {"helpfulness/gate_pref_loss", "harmlessness/gate_accuracy"} <= set(stats)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gate_params)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in head_params)  # the fusion's reward logits are detached
+    before = gate_loss()
+    optimizer = torch.optim.SGD(gate_params, lr=0.5)
+    for _ in range(5):
+        optimizer.zero_grad()
+        training_loss(model, batches, preference, config)[0].backward()
+        optimizer.step()
+    assert gate_loss() < before
+    with pytest.raises(ValueError, match="gate_objective must be one of .*got 'reward'"):
+        make_config(small_data, tmp_path, gate_objective="reward")
