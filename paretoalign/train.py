@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from .backbone import DEFAULT_BACKBONE, load_backbone
-from .data import PreferenceCollator, PreferencePair, load_default_pairs, split_pools
 from .candidates import CandidateBatch, CandidateCache, build_candidate_cache
+from .data import PreferenceCollator, PreferencePair, load_default_pairs, split_pools
 from .features import FeatureCache, build_feature_cache, check_compute_dtype, feature_cache_root
-from .files import TRAINER_STATE_NAME, atomic_write, latest_checkpoint, read_json_object, read_optimizer_state, read_safetensors, write_checkpoint, write_optimizer_state
+from .files import atomic_write, read_json_object, read_safetensors
+from .loop import Recipe, run_loop
 from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss, sample_preference
 from .model import DualHeadConfig, DualHeadModel
 from .objective import PairBatch, join_pair_batches, score_pairs
@@ -663,40 +662,11 @@ def parameter_groups(model: DualHeadModel, config: TrainConfig) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
-def save_training_state(directory: Path, model: DualHeadModel, optimizer, scheduler, step: int) -> None:
-    """A resumable checkpoint: trainable weights, AdamW moments (safetensors) and counters (JSON)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    write_optimizer_state(directory, optimizer, scheduler, step)
-
-
-def load_training_state(directory: Path, model: DualHeadModel, optimizer, scheduler) -> int:
-    """Restore what :func:`save_training_state` wrote; returns the step to continue from."""
-    weights = directory / "dualhead_model.safetensors"
-    model.load_trainable_state_dict(read_safetensors(weights, str(model.device), "checkpoint weights"), str(directory))
-    return read_optimizer_state(directory, optimizer, scheduler, str(model.device))
-
-
 def machine_description(device: torch.device) -> str:
     """What the run ran on, for the model card."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
     return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads (torch {torch.__version__})"
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep the log records of steps up to ``step`` (the checkpoint a resumed run starts from)."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
-
-
-def _append_log(path: Path, record: dict) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -734,24 +704,9 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
     if data.onpolicy_scores and accelerator.is_main_process:
         scores_text = "".join(json.dumps(line) + "\n" for line in data.onpolicy_scores)
         atomic_write(output / "onpolicy_scores.jsonl", lambda tmp: Path(tmp).write_text(scores_text))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, config), lr=config.learning_rate, betas=config.adam_betas, weight_decay=config.weight_decay
-    )
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    state_dir, log_path = output / "checkpoint", output / "training_log.jsonl"
-    latest = latest_checkpoint(state_dir, TRAINER_STATE_NAME)
-    start = load_training_state(latest, model, optimizer, scheduler) if latest is not None else 0
-    if start:
-        logger.warning("resuming %s from step %d", output, start)
-    if accelerator.is_main_process:
-        _truncate_log(log_path, start)  # steps logged after the last checkpoint are run again
-
-    model.train()
     rank, world = accelerator.process_index, accelerator.num_processes
-    bar = tqdm(total=config.steps, initial=start, desc="training heads", disable=not (progress and accelerator.is_main_process))
-    began, final_eval = time.time(), None
-    for step in range(start, config.steps):
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict]:
         preference = step_preference(len(config.objectives), step, config.seed, config.dirichlet_concentration)
         batches = []
         for stream, objective in enumerate(config.objectives):
@@ -759,36 +714,49 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
             ids = batch_pair_ids(len(index.chosen), config.batch_pairs, step, config.seed, stream)
             batches.append(data.collate(index, ids[rank::world]).to(model.device))
         loss, stats = training_loss(model, batches, preference, config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            for parameter in trainable:
-                if parameter.grad is not None:
-                    parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        done = step + 1
-        rates = scheduler.get_last_lr()  # [reward head and branch, the rest] (one entry when a group is empty)
-        record = {"step": done, "lr": rates[-1], "reward_lr": rates[0], "grad_norm": float(grad_norm), "preference": preference.tolist() if config.preference_sampling == "step" else "one-hot per objective", **stats}
-        if done % config.eval_every == 0 or done == config.steps:
-            exact = config.candidate_tokens is None or done == config.steps  # the last one always over the vocabulary
-            final_eval = evaluate(model, data, config, exact=exact)
-            record.update(final_eval, val_readout="vocabulary" if exact else f"candidates-{config.candidate_tokens}")
-        if accelerator.is_main_process:
-            _append_log(log_path, record)
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                write_checkpoint(state_dir, f"step-{done:08d}", lambda folder: save_training_state(folder, model, optimizer, scheduler, done))
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", lm=f"{stats['lm_loss']:.3f}")
-        bar.update(1)
-    bar.close()
+        sampled = preference.tolist() if config.preference_sampling == "step" else "one-hot per objective"
+        return loss, {"preference": sampled, **stats}
+
+    def evaluate_at(done: int) -> dict:
+        exact = config.candidate_tokens is None or done == config.steps  # the last one always over the vocabulary
+        return {**evaluate(model, data, config, exact=exact), "val_readout": "vocabulary" if exact else f"candidates-{config.candidate_tokens}"}
+
+    def load_weights(folder: Path) -> None:
+        weights = read_safetensors(folder / "dualhead_model.safetensors", str(model.device), "checkpoint weights")
+        model.load_trainable_state_dict(weights, str(folder))
+
+    recipe = Recipe(
+        step_loss,
+        evaluate_at,
+        model.save_pretrained,
+        load_weights,
+        rates=lambda rates: {"lr": rates[-1], "reward_lr": rates[0]},  # [reward head and branch, the rest], or one group
+    )
+    model.train()
+    result = run_loop(
+        recipe,
+        output,
+        parameter_groups(model, config),
+        steps=config.steps,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        max_grad_norm=config.max_grad_norm,
+        weight_decay=config.weight_decay,
+        adam_betas=config.adam_betas,
+        eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every,
+        device=model.device,
+        accelerator=accelerator,
+        progress=progress,
+        description="training heads",
+    )
     if accelerator.is_main_process:
         model.save_pretrained(output / "model")
-        final_eval = final_eval or evaluate(model, data, config)
+        final_eval = {key: value for key, value in result.final_eval.items() if key != "val_readout"}
         summary = {
             "steps": config.steps,
-            "resumed_from_step": start,
-            "train_seconds": round(time.time() - began, 1),
+            "resumed_from_step": result.start,
+            "train_seconds": round(result.seconds, 1),
             "feature_seconds": json.loads((data.cache.directory / "meta.json").read_text()).get("seconds", round(feature_seconds, 1)),
             "machine": machine_description(accelerator.device),
             **final_eval,

@@ -22,22 +22,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from ..backbone import DEFAULT_BACKBONE, load_backbone
 from ..data import PreferenceCollator, load_default_pairs, split_pools
 from ..features import build_feature_cache, feature_cache_root
-from ..files import TRAINER_STATE_NAME, atomic_write, latest_checkpoint, read_optimizer_state, read_safetensors, write_checkpoint, write_optimizer_state
+from ..files import (
+    atomic_write,
+    read_safetensors,
+)
+from ..loop import Recipe, run_loop
 from ..losses import arm_preference_loss
 from ..model import DualHeadConfig, DualHeadModel
 from ..objective import PairBatch, join_pair_batches
 from ..preference import DEFAULT_OBJECTIVES
 from ..train import (  # the Dual-Head trainer's pairs, batches and preferences: every method learns from the same data
     PreparedData,
-    _append_log,
     _subsample,
-    _truncate_log,
     add_pair_sequences,
     batch_pair_ids,
     collate_pairs,
@@ -57,8 +57,6 @@ from .arm import (
 
 logger = logging.getLogger(__name__)
 TRAIN_CONFIG_NAME = "arm_train_config.json"
-LOG_NAME = "training_log.jsonl"
-STATE_DIR = "checkpoint"
 
 
 @dataclass
@@ -237,27 +235,6 @@ def arm_device(arm) -> torch.device:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_arm_state(directory: Path, arm, optimizer, scheduler, step: int) -> None:
-    """A resumable checkpoint: adapter weights and AdamW moments (safetensors), counters (JSON)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    adapters = {name: p.detach().to("cpu").contiguous() for name, p in adapter_parameters(arm).items()}
-    atomic_write(directory / "adapter.safetensors", lambda tmp: save_file(adapters, tmp))
-    write_optimizer_state(directory, optimizer, scheduler, step)
-
-
-def load_arm_state(directory: Path, arm, optimizer, scheduler) -> int:
-    """Restore what :func:`save_arm_state` wrote; returns the step to continue from."""
-    device = str(arm_device(arm))
-    adapters = read_safetensors(directory / "adapter.safetensors", device, "ARM weights")
-    parameters = adapter_parameters(arm)
-    if set(adapters) != set(parameters):
-        raise ValueError(f"{directory} holds adapters of another ARM layout; use a new output directory")
-    with torch.no_grad():
-        for name, parameter in parameters.items():
-            parameter.copy_(adapters[name])
-    return read_optimizer_state(directory, optimizer, scheduler, device)
-
-
 # ---------------------------------------------------------------------------------------------- the run
 
 
@@ -291,21 +268,10 @@ def train_arm(config: ARMTrainConfig, backbone=None, tokenizer=None, progress: b
     del features_model
     torch.manual_seed(config.seed)
     arm = new_arm(backbone, arm_config)
-    trainable = list(adapter_parameters(arm).values())
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    state_dir, log_path = output / STATE_DIR, output / LOG_NAME
-    latest = latest_checkpoint(state_dir, TRAINER_STATE_NAME)
-    start = load_arm_state(latest, arm, optimizer, scheduler) if latest is not None else 0
-    if start:
-        logger.warning("resuming %s from step %d", output, start)
-    _truncate_log(log_path, start)  # steps logged after the last checkpoint are run again
-
     device = arm_device(arm)
     streams = [config.objectives.index(name) for name in arm_config.objectives]  # the Dual-Head trainer's batch streams
-    bar = tqdm(total=config.steps, initial=start, desc=f"training {config.method} ARM", disable=not progress)
-    began, final_eval = time.time(), None
-    for step in range(start, config.steps):
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict]:
         preference = None
         if config.method == "parm":
             preference = step_preference(len(config.objectives), step, config.seed, config.dirichlet_concentration).to(device)
@@ -315,32 +281,45 @@ def train_arm(config: ARMTrainConfig, backbone=None, tokenizer=None, progress: b
             ids = batch_pair_ids(len(index.chosen), config.batch_pairs, step, config.seed, stream)
             batches.append(collate_pairs(data.cache, index, ids).to(device))
         loss, stats = arm_training_loss(arm, arm_config, batches, preference)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        done = step + 1
-        record = {"step": done, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), **stats}
-        if preference is not None:
-            record["preference"] = preference.tolist()
-        if done % config.eval_every == 0 or done == config.steps:
-            final_eval = evaluate_arm(arm, arm_config, data)
-            record.update(final_eval)
-        _append_log(log_path, record)
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            write_checkpoint(state_dir, f"step-{done:08d}", lambda folder: save_arm_state(folder, arm, optimizer, scheduler, done))
-        bar.set_postfix(loss=f"{stats['loss']:.3f}")
-        bar.update(1)
-    bar.close()
+        return loss, ({} if preference is None else {"preference": preference.tolist()}) | stats
+
+    def save_weights(folder: Path) -> None:
+        adapters = {name: p.detach().to("cpu").contiguous() for name, p in adapter_parameters(arm).items()}
+        atomic_write(folder / "adapter.safetensors", lambda tmp: save_file(adapters, tmp))
+
+    def load_weights(folder: Path) -> None:
+        adapters = read_safetensors(folder / "adapter.safetensors", str(device), "ARM weights")
+        parameters = adapter_parameters(arm)
+        if set(adapters) != set(parameters):
+            raise ValueError(f"{folder} holds adapters of another ARM layout; use a new output directory")
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(adapters[name])
+
+    recipe = Recipe(step_loss, lambda done: evaluate_arm(arm, arm_config, data), save_weights, load_weights)
+    result = run_loop(
+        recipe,
+        output,
+        [{"params": list(adapter_parameters(arm).values())}],
+        steps=config.steps,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        max_grad_norm=config.max_grad_norm,
+        weight_decay=config.weight_decay,
+        eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every,
+        device=device,
+        progress=progress,
+        description=f"training {config.method} ARM",
+    )
     arm_config.training = {
         "steps": config.steps,
-        "resumed_from_step": start,
-        "train_seconds": round(time.time() - began, 1),
+        "resumed_from_step": result.start,
+        "train_seconds": round(result.seconds, 1),
         "feature_seconds": json.loads((data.cache.directory / "meta.json").read_text()).get("seconds", round(feature_seconds, 1)),
         "machine": machine_description(device),
         "train_config": TRAIN_CONFIG_NAME,
-        **(final_eval or evaluate_arm(arm, arm_config, data)),
+        **result.final_eval,
     }
     save_arm(arm, arm_config, output)
     return arm, arm_config
