@@ -97,10 +97,14 @@ class BoundPBLoRALinear(PBLoRALinear):
         self.bound_preference: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, preference: torch.Tensor | None = None) -> torch.Tensor:
-        preference = self.bound_preference if preference is None else preference
-        if preference is None:
+        if preference is not None:
+            return super().forward(x, preference)
+        if self.bound_preference is None:
             raise RuntimeError("no preference is bound to this PBLoRA layer; call bind_preference(model, preference) first")
-        return super().forward(x, preference)
+        if self.merged:
+            return super().forward(x, self.bound_preference)
+        # bind_preference validated it once; a decoding step does not check it again in every projection
+        return self.base_layer(x) + self.adapter_output(x, self.bound_preference).to(x.dtype)
 
 
 def add_attention_pblora(

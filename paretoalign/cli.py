@@ -10,7 +10,7 @@ import sys
 import types
 from pathlib import Path
 
-from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference
+from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference, reorder_preference
 
 
 def _add_generate(subparsers) -> None:
@@ -57,7 +57,7 @@ def run_generate(args: argparse.Namespace) -> int:
     objectives = parse_objectives(args.objectives)
     weights = parse_preference(args.preference, objectives)
     model = load_model(args.checkpoint, args.backbone, args.device, args.dtype, trust_remote_code=args.trust_remote_code)
-    preference = _model_order(objectives, weights, model.objectives)
+    preference = reorder_preference(weights, objectives, model.objectives)
     by_name = dict(zip(objectives, weights))
     options = dict(
         method=args.method, fusion=args.fusion, strength=args.strength, guidance_top_k=args.guidance_top_k, system_prompt=args.system_prompt,
@@ -206,7 +206,7 @@ def run_arm_accuracy(args: argparse.Namespace) -> int:
         pairs = split_pools(pools)[args.objective][args.split]
     pairs = pairs[: args.max_pairs] if args.max_pairs else pairs
     model = load_model(args.checkpoint, args.backbone, args.device)
-    preference = _model_order(objectives, weights, model.objectives)
+    preference = reorder_preference(weights, objectives, model.objectives)
     from .features import feature_cache_root
 
     cache = None if args.no_feature_cache else feature_cache_root(args.feature_cache)
@@ -218,14 +218,6 @@ def run_arm_accuracy(args: argparse.Namespace) -> int:
     else:
         print(f"accuracy {result['accuracy']:.4f} over {result['n']} pairs (mean margin {result['mean_margin']:.3f})")
     return 0
-
-
-def _model_order(objectives, weights, model_objectives) -> list[float]:
-    """Reorder weights given for ``objectives`` into the model's objective order."""
-    if set(objectives) != set(model_objectives):
-        raise ValueError(f"--objectives {list(objectives)} do not match the model's objectives {list(model_objectives)}")
-    by_name = dict(zip(objectives, weights))
-    return [by_name[name] for name in model_objectives]
 
 
 def _add_export(subparsers) -> None:

@@ -102,10 +102,16 @@ class PBLoRALinear(nn.Module):
     def merged(self) -> bool:
         return self._merged_preference is not None
 
-    def _check_preference(self, preference: torch.Tensor) -> torch.Tensor:
+    def _check_preference(self, preference: torch.Tensor, full: bool = True) -> torch.Tensor:
+        """The preference on the adapter's device and dtype. ``full`` checks that each row lies on the simplex (an
+        entry point: :meth:`forward`, :meth:`merge`); the inner methods a model calls per token with a preference it
+        validated where it came in check the number of weights only, which needs no device sync."""
         if not torch.is_tensor(preference):
             preference = torch.as_tensor(preference, dtype=torch.float32)
-        validate_preference(preference, self.num_objectives)
+        if full:
+            validate_preference(preference, self.num_objectives)
+        elif preference.dim() not in (1, 2) or preference.shape[-1] != self.num_objectives:
+            raise ValueError(f"preference must have shape (k,) or (batch, k) with k = {self.num_objectives}, got shape {tuple(preference.shape)}")
         return preference.to(device=self.lora_A.device, dtype=self.lora_A.dtype)
 
     def preference_block(self, preference: torch.Tensor) -> torch.Tensor:
@@ -117,7 +123,8 @@ class PBLoRALinear(nn.Module):
 
         Args:
             x: ``(..., in)``; with a ``(B, k)`` preference the leading dimension of ``x`` must be ``B``.
-            preference: ``(k,)`` shared by all rows, or ``(B, k)`` one per row.
+            preference: ``(k,)`` shared by all rows, or ``(B, k)`` one per row, already validated by the caller
+                (:func:`~paretoalign.preference.validate_preference`; only its shape is checked here).
         """
         return self.scaling * (self.mixed_input(x, preference) @ self.lora_B.T)  # (..., out)
 
@@ -134,7 +141,7 @@ class PBLoRALinear(nn.Module):
 
     def mixed_input(self, x: torch.Tensor, preference: torch.Tensor) -> torch.Tensor:
         """``blockdiag(W1, W2(w)) · A · x``, the update before ``B``: ``(..., in) -> (..., r1 + r2)``."""
-        preference = self._check_preference(preference)
+        preference = self._check_preference(preference, full=False)
         low = x.to(self.lora_A.dtype) @ self.lora_A.T  # (..., r1 + r2)
         shared, aware = low[..., : self.r1], low[..., self.r1 :]  # (..., r1), (..., r2)
         block = self.preference_block(preference)  # (r2, r2) or (B, r2, r2)
@@ -156,7 +163,7 @@ class PBLoRALinear(nn.Module):
                     f"unmerge() before using preference {preference.tolist()}"
                 )
             return self.base_layer(x)
-        return self.base_layer(x) + self.adapter_output(x, preference).to(x.dtype)
+        return self.base_layer(x) + self.adapter_output(x, self._check_preference(preference)).to(x.dtype)
 
     def get_delta_weight(self, preference: torch.Tensor) -> torch.Tensor:
         """``s · B · blockdiag(W1, W2(w)) · A``, the ``(out, in)`` update for one ``(k,)`` preference."""

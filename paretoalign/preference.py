@@ -1,7 +1,9 @@
-"""Preference vectors: parsing, validation and batching of weights over objectives."""
+"""Preference vectors, the one place they are parsed and checked: text, sliders and weights to a point of the simplex,
+validation (at the edges: where a preference comes in, not in every layer call), reordering, batching and grids."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -47,6 +49,81 @@ def parse_preference(text: str | Sequence[float] | Mapping[str, float], objectiv
     num_objectives = len(objectives) if objectives is not None else None
     validate_preference(torch.tensor(values, dtype=torch.float64), num_objectives)
     return values
+
+
+def finite_number(value, name: str) -> float:
+    """``float(value)``, or a ``ValueError`` naming ``name`` and the value when it is no finite number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def preference_from_weights(weights: Sequence[float], objectives: Sequence[str]) -> list[float]:
+    """Weights (any non-negative numbers, one per objective) normalised onto the simplex.
+
+    Example:
+        >>> preference_from_weights([1, 1, 2], ["helpfulness", "harmlessness", "honesty"])
+        [0.25, 0.25, 0.5]
+    """
+    weights = list(weights)
+    if len(weights) != len(objectives):
+        raise ValueError(f"got {len(weights)} weights for the {len(objectives)} objectives {', '.join(objectives)}")
+    values = [finite_number(w, f"the {name} weight") for w, name in zip(weights, objectives)]
+    if any(v < 0 for v in values):
+        raise ValueError(f"weights must be non-negative, got {values}")
+    total = sum(values)
+    if total <= 0:
+        raise ValueError(f"at least one objective needs a weight above 0, got {values}")
+    return [v / total for v in values]
+
+
+def preference_from_sliders(values: Sequence[float], objectives: Sequence[str]) -> list[float]:
+    """The preference the app's sliders mean.
+
+    With two objectives there is one slider: the weight of the second objective, the first getting 1 − it
+    (``[0.7]`` -> ``[0.3, 0.7]``). With more, one slider per objective, normalised onto the simplex.
+    """
+    values = list(values)
+    if len(objectives) == 2 and len(values) == 1:
+        second = finite_number(values[0], f"the {objectives[1]} weight")
+        if not 0.0 <= second <= 1.0:
+            raise ValueError(f"the {objectives[1]} weight must lie in [0, 1], got {second}")
+        return [1.0 - second, second]
+    return preference_from_weights(values, objectives)
+
+
+def parse_weights(text, objectives: Sequence[str], name: str = "preference") -> list[float]:
+    """``"1, 0"``, ``"[0.5, 0.5]"`` or a list of numbers -> a preference on the simplex (weights are normalised)."""
+    if isinstance(text, str):
+        parts = [part.strip() for part in text.strip().strip("[]()").split(",")]
+        if not any(parts):
+            raise ValueError(f"{name} is empty: give one weight per objective ({', '.join(objectives)}), such as '0.5, 0.5'")
+        try:
+            values = [float(part) for part in parts]
+        except ValueError:
+            raise ValueError(
+                f"{name} must be comma-separated numbers, one per objective ({', '.join(objectives)}), got {text!r}"
+            ) from None
+    elif isinstance(text, Sequence):
+        values = list(text)
+    else:
+        raise TypeError(f"{name} must be comma-separated numbers or a list, got {text!r}")
+    try:
+        return preference_from_weights(values, objectives)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
+def reorder_preference(weights: Sequence[float], objectives: Sequence[str], order: Sequence[str]) -> list[float]:
+    """Weights given for ``objectives`` in the order ``order`` (a model's objectives)."""
+    if set(objectives) != set(order) or len(objectives) != len(order):
+        raise ValueError(f"--objectives {list(objectives)} do not match the model's objectives {list(order)}")
+    by_name = dict(zip(objectives, weights))
+    return [by_name[name] for name in order]
 
 
 def validate_preference(preference: torch.Tensor, num_objectives: int | None) -> None:

@@ -11,7 +11,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import site
 import subprocess
@@ -25,7 +24,7 @@ from .backbone import DEFAULT_BACKBONE, OFFLINE_BACKBONES
 from .generation import Generation, stream_generate
 from .methods import METHODS, build_decoder
 from .model import CONFIG_NAME, DualHeadModel, default_checkpoint, load_model
-from .preference import DEFAULT_OBJECTIVES
+from .preference import DEFAULT_OBJECTIVES, finite_number, parse_weights, preference_from_sliders, preference_from_weights  # noqa: F401 (the app's)
 from .serving import BatchServer
 
 logger = logging.getLogger(__name__)
@@ -214,72 +213,6 @@ def ensure_offline_backbone(run=subprocess.run) -> bool:
 # ---------------------------------------------------------------------------------------------- requests
 
 
-def _number(value, name: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return number
-
-
-def preference_from_weights(weights: Sequence[float], objectives: Sequence[str]) -> list[float]:
-    """Weights (any non-negative numbers, one per objective) normalised onto the simplex.
-
-    Example:
-        >>> preference_from_weights([1, 1, 2], ["helpfulness", "harmlessness", "honesty"])
-        [0.25, 0.25, 0.5]
-    """
-    weights = list(weights)
-    if len(weights) != len(objectives):
-        raise ValueError(f"got {len(weights)} weights for the {len(objectives)} objectives {', '.join(objectives)}")
-    values = [_number(w, f"the {name} weight") for w, name in zip(weights, objectives)]
-    if any(v < 0 for v in values):
-        raise ValueError(f"weights must be non-negative, got {values}")
-    total = sum(values)
-    if total <= 0:
-        raise ValueError(f"at least one objective needs a weight above 0, got {values}")
-    return [v / total for v in values]
-
-
-def preference_from_sliders(values: Sequence[float], objectives: Sequence[str]) -> list[float]:
-    """The preference the app's sliders mean.
-
-    With two objectives there is one slider: the weight of the second objective, the first getting 1 − it
-    (``[0.7]`` -> ``[0.3, 0.7]``). With more, one slider per objective, normalised onto the simplex.
-    """
-    values = list(values)
-    if len(objectives) == 2 and len(values) == 1:
-        second = _number(values[0], f"the {objectives[1]} weight")
-        if not 0.0 <= second <= 1.0:
-            raise ValueError(f"the {objectives[1]} weight must lie in [0, 1], got {second}")
-        return [1.0 - second, second]
-    return preference_from_weights(values, objectives)
-
-
-def parse_weights(text, objectives: Sequence[str], name: str = "preference") -> list[float]:
-    """``"1, 0"``, ``"[0.5, 0.5]"`` or a list of numbers -> a preference on the simplex (weights are normalised)."""
-    if isinstance(text, str):
-        parts = [part.strip() for part in text.strip().strip("[]()").split(",")]
-        if not any(parts):
-            raise ValueError(f"{name} is empty: give one weight per objective ({', '.join(objectives)}), such as '0.5, 0.5'")
-        try:
-            values = [float(part) for part in parts]
-        except ValueError:
-            raise ValueError(
-                f"{name} must be comma-separated numbers, one per objective ({', '.join(objectives)}), got {text!r}"
-            ) from None
-    elif isinstance(text, Sequence):
-        values = list(text)
-    else:
-        raise TypeError(f"{name} must be comma-separated numbers or a list, got {text!r}")
-    try:
-        return preference_from_weights(values, objectives)
-    except ValueError as error:
-        raise ValueError(f"{name}: {error}") from None
-
-
 def describe_preference(preference: Sequence[float], objectives: Sequence[str]) -> str:
     """``"helpfulness 0.30 · harmlessness 0.70"``."""
     return " · ".join(f"{name} {weight:.2f}" for name, weight in zip(objectives, preference))
@@ -325,16 +258,16 @@ def make_request(
     methods = list(methods) if methods is not None else available_methods()
     if method not in methods:
         raise ValueError(f"method must be one of {', '.join(methods)}; got {method!r}")
-    tokens = _number(max_new_tokens, "max new tokens")
+    tokens = finite_number(max_new_tokens, "max new tokens")
     if tokens != int(tokens) or not 1 <= tokens <= MAX_NEW_TOKENS_LIMIT:
         raise ValueError(f"max new tokens must be a whole number between 1 and {MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens!r}")
-    strength = _number(strength, "strength")
+    strength = finite_number(strength, "strength")
     if strength < 0:
         raise ValueError(f"strength must be >= 0, got {strength}")
-    temperature = _number(temperature, "temperature")
+    temperature = finite_number(temperature, "temperature")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    seed_value = _number(seed, "seed")
+    seed_value = finite_number(seed, "seed")
     if seed_value != int(seed_value) or not 0 <= seed_value <= MAX_SEED:
         raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
     preferences = [list(p) for p in preferences]
