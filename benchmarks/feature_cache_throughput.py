@@ -29,7 +29,7 @@ from paretoalign.features import build_feature_cache  # noqa: E402
 from paretoalign.model import load_model  # noqa: E402
 from paretoalign.objective import arm_accuracy  # noqa: E402
 from paretoalign.testing import tiny_backbone  # noqa: E402
-from paretoalign.train import add_pair_sequences  # noqa: E402
+from paretoalign.batches import add_pair_sequences  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 ACCURACY_TOLERANCE = 0.01

@@ -27,17 +27,16 @@ from paretoalign.candidates import build_candidate_cache  # noqa: E402
 from paretoalign.data import PreferenceCollator, load_default_pairs, split_pairs  # noqa: E402
 from paretoalign.features import build_feature_cache  # noqa: E402
 from paretoalign.model import DualHeadModel  # noqa: E402
-from paretoalign.objective import PairBatch  # noqa: E402
-from paretoalign.testing import tiny_backbone  # noqa: E402
-from paretoalign.train import (  # noqa: E402
-    TrainConfig,
+from paretoalign.batches import (  # noqa: E402
+    PairBatch,
     add_pair_sequences,
     collate_candidates,
     collate_pairs,
     sequence_prompt_lengths,
     step_preference,
-    training_loss,
 )
+from paretoalign.testing import tiny_backbone  # noqa: E402
+from paretoalign.train import TrainConfig, training_loss  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

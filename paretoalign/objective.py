@@ -13,60 +13,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .candidates import CandidateBatch
+from .batches import PairBatch, add_pair_sequences, collate_pairs
 from .data import PreferenceCollator, PreferencePair
 from .losses import candidate_label_logprobs, label_logprobs, next_token_targets
 from .model import DualHeadModel, fuse_logits
-
-
-@dataclass
-class PairBatch:
-    """``B`` pairs as ``2B`` sequences: rows ``0..B-1`` chosen, rows ``B..2B-1`` rejected."""
-
-    hidden: torch.Tensor  # (2B, T, d) backbone final hidden states
-    input_ids: torch.Tensor  # (2B, T)
-    attention_mask: torch.Tensor  # (2B, T)
-    response_mask: torch.Tensor  # (2B, T)
-    block_hidden: torch.Tensor | None = None  # (2B, T, d) input of block ``block_layer``, for a reward branch
-    block_layer: int | None = None
-    candidates: CandidateBatch | None = None  # the frozen LM's likeliest tokens at the response positions (training)
-    sampled: torch.Tensor | None = None  # (2B,) bool: the reply is the backbone's own sample (on-policy), not human-written
-
-    @property
-    def num_pairs(self) -> int:
-        return self.input_ids.shape[0] // 2
-
-    def to(self, device) -> "PairBatch":
-        tensors = (self.hidden, self.input_ids, self.attention_mask, self.response_mask)
-        block = None if self.block_hidden is None else self.block_hidden.to(device)
-        candidates = None if self.candidates is None else self.candidates.to(device)
-        sampled = None if self.sampled is None else self.sampled.to(device)
-        return PairBatch(*(t.to(device) for t in tensors), block, self.block_layer, candidates, sampled)
-
-
-def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate along the batch, left-padding dimension 1 to the longest (zeros are padding everywhere here)."""
-    longest = max(t.shape[1] for t in tensors)
-    padded = []
-    for t in tensors:
-        pad = torch.zeros((t.shape[0], longest - t.shape[1], *t.shape[2:]), dtype=t.dtype, device=t.device)
-        padded.append(torch.cat([pad, t], dim=1))  # (b, T_max, ...)
-    return torch.cat(padded, dim=0)
-
-
-def join_pair_batches(batches: list[PairBatch]) -> PairBatch:
-    """One :class:`PairBatch` of several (one per objective), left-padded to the longest; rows keep their order."""
-    layers = {b.block_layer for b in batches}
-    if len(layers) != 1 or len({b.block_hidden is None for b in batches}) != 1:
-        raise ValueError("batches to join must all carry block states of the same layer, or none")
-    if len({b.candidates is None for b in batches}) != 1:
-        raise ValueError("batches to join must all carry candidate tokens, or none")
-    names = ("hidden", "input_ids", "attention_mask", "response_mask")
-    block = None if batches[0].block_hidden is None else _pad_cat([b.block_hidden for b in batches])
-    # Rows keep their order and padding is on the left, so the response positions stay in row-major order.
-    candidates = None if batches[0].candidates is None else CandidateBatch.cat([b.candidates for b in batches])
-    sampled = None if any(b.sampled is None for b in batches) else torch.cat([b.sampled for b in batches])
-    return PairBatch(*(_pad_cat([getattr(b, name) for b in batches]) for name in names), block, layers.pop(), candidates, sampled)
 
 
 @dataclass
@@ -227,7 +177,6 @@ def _pair_batches(
         import numpy as np
 
         from .features import build_feature_cache
-        from .train import add_pair_sequences, collate_pairs
 
         sequences: list[list[int]] = []
         index = add_pair_sequences(collator, pairs, sequences)

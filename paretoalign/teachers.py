@@ -13,12 +13,13 @@ teacher costs a few seconds on a CPU.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .batches import OnPolicyGroup, PairIndex
 from .features import FeatureCache
 
 logger = logging.getLogger(__name__)
@@ -94,18 +95,6 @@ def calibrate_threshold(margins: np.ndarray, target_accuracy: float, min_kept: f
     return float(np.abs(margins[order[k - 1]]))
 
 
-@dataclass
-class OnPolicyGroup:
-    """The sampled replies of one prompt (from every folder that sampled it): their sequences in the feature cache."""
-
-    rows: np.ndarray  # (k,) sequence indices
-    prompt_length: int
-    source: str | None  # the prompt's data source (e.g. "harmless-base"), which says whether it is a red-team prompt
-    texts: list[str]  # the replies, to skip pairs of identical replies
-    prompt_id: str = ""
-    folders: list[str] = field(default_factory=list)  # the sampling folder of each reply
-
-
 def fit_teachers(features: dict, val_features: dict, names, target_accuracy: float, l2: float = 0.1) -> tuple[dict, dict]:
     """One teacher per objective in ``names``, fit on its human-labelled training pairs, its label threshold
     calibrated on its validation pairs (both as :func:`pair_features`). Returns ``({name: Teacher}, {name: report
@@ -155,7 +144,6 @@ def label_onpolicy(
         ``{objective: (R,) array}`` (for the data file); and a report per prompt source: pairs, kept per objective,
         and among pairs both teachers label, the share they label opposite ways (the conflicts a trade-off needs).
     """
-    from .train import PairIndex
 
     sources, label_with = sources or {}, label_with or {}
     rows = np.concatenate([group.rows for group in groups]) if groups else np.zeros(0, dtype=np.int64)
@@ -237,7 +225,6 @@ def relabel_with_teachers(
         teacher objective): PairIndex}`` of every teacher, oriented to the human label of ``objective``, that the
         teacher confidently labels the other way.
     """
-    from .train import PairIndex  # the index type lives with the trainer
 
     relabel = list(teachers) if relabel is None else list(relabel)
     unknown = [name for name in relabel if name not in teachers]

@@ -23,16 +23,28 @@ import numpy as np
 import torch
 
 from .backbone import DEFAULT_BACKBONE, load_backbone
-from .candidates import CandidateBatch, CandidateCache, build_candidate_cache
-from .data import PreferenceCollator, PreferencePair, load_default_pairs, split_pools
-from .features import FeatureCache, build_feature_cache, check_compute_dtype, feature_cache_root
+from .batches import (
+    PairBatch,
+    PairIndex,
+    PreparedData,
+    add_onpolicy_sequences,
+    add_pair_sequences,
+    batch_pair_ids,
+    join_pair_batches,
+    sequence_prompt_lengths,
+    step_preference,
+    subsample,
+)
+from .candidates import build_candidate_cache
+from .data import PreferenceCollator, load_default_pairs, split_pools
+from .features import build_feature_cache, check_compute_dtype, feature_cache_root
 from .files import atomic_write, read_json_object, read_safetensors
 from .loop import Recipe, run_loop
-from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss, sample_preference
+from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss
 from .model import DualHeadConfig, DualHeadModel
-from .objective import PairBatch, join_pair_batches, score_pairs
+from .objective import score_pairs
 from .preference import DEFAULT_OBJECTIVES
-from .teachers import OnPolicyGroup, fit_teachers, label_onpolicy, pair_features, relabel_with_teachers
+from .teachers import fit_teachers, label_onpolicy, pair_features, relabel_with_teachers
 
 logger = logging.getLogger(__name__)
 PREFERENCE_SAMPLINGS = ("step", "objective")
@@ -309,96 +321,6 @@ def _read_config_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 # ---------------------------------------------------------------------------------------------- data
 
 
-@dataclass
-class PairIndex:
-    """Where each pair's chosen and rejected sequences sit in the feature cache."""
-
-    chosen: np.ndarray  # (P,) sequence index of the chosen reply
-    rejected: np.ndarray  # (P,) sequence index of the rejected reply
-    prompt_length: np.ndarray  # (P,) tokens of prompt before the reply
-
-    def select(self, keep: np.ndarray, swap: np.ndarray | None = None) -> "PairIndex":
-        """The pairs where ``keep`` ``(P,)`` is true, with chosen and rejected exchanged where ``swap`` (``(P,)``) is."""
-        chosen, rejected = self.chosen, self.rejected
-        if swap is not None:
-            chosen, rejected = np.where(swap, rejected, chosen), np.where(swap, chosen, rejected)
-        return PairIndex(chosen[keep], rejected[keep], self.prompt_length[keep])
-
-    @staticmethod
-    def concat(parts: list["PairIndex"]) -> "PairIndex":
-        return PairIndex(*(np.concatenate([getattr(part, name) for part in parts]) for name in ("chosen", "rejected", "prompt_length")))
-
-
-@dataclass
-class PreparedData:
-    cache: FeatureCache
-    train: dict[str, PairIndex]
-    validation: dict[str, PairIndex]
-    block_cache: FeatureCache | None = None  # the same sequences' input of block ``block_layer`` (reward branch)
-    block_layer: int | None = None
-    candidates: CandidateCache | None = None  # candidate tokens of every response position (``candidate_tokens``)
-    teacher_report: dict | None = None  # what the teachers labelled (``teacher_objectives``)
-    conflicts: dict | None = None  # {(objective, teacher objective): validation pairs the two label opposite ways}
-    onpolicy_scores: list[dict] | None = None  # each sampled prompt's teacher reward per reply and objective
-    first_sampled: int | None = None  # cached sequences from this index on are the backbone's own replies (onpolicy)
-
-    def collate(self, index: PairIndex, pair_ids: np.ndarray, candidates: bool = True) -> PairBatch:
-        """The pairs ``pair_ids`` of ``index`` as a :class:`PairBatch`, with the block states and (``candidates``)
-        the candidate tokens when cached."""
-        first_sampled = len(self.cache) if self.first_sampled is None else self.first_sampled
-        batch = collate_pairs(self.cache, index, pair_ids, self.block_cache, self.block_layer, first_sampled)
-        if candidates and self.candidates is not None:
-            batch.candidates = collate_candidates(self.candidates, index, pair_ids)
-        return batch
-
-
-def _subsample(pairs: list[PreferencePair], limit: int | None, seed: int) -> list[PreferencePair]:
-    if limit is None or len(pairs) <= limit:
-        return pairs
-    keep = np.random.default_rng(seed).permutation(len(pairs))[:limit]
-    return [pairs[i] for i in sorted(keep)]
-
-
-def add_pair_sequences(collator: PreferenceCollator, pairs: list[PreferencePair], sequences: list[list[int]]) -> PairIndex:
-    """Tokenize ``pairs``, append their chosen and rejected sequences to ``sequences``, and say where they went."""
-    chosen, rejected, prompt_lengths = [], [], []
-    for pair in pairs:
-        chosen_ids, rejected_ids, prompt_length = collator.encode_pair(pair)
-        chosen.append(len(sequences))
-        sequences.append(chosen_ids)
-        rejected.append(len(sequences))
-        sequences.append(rejected_ids)
-        prompt_lengths.append(prompt_length)
-    return PairIndex(np.array(chosen), np.array(rejected), np.array(prompt_lengths))
-
-
-def add_onpolicy_sequences(collator: PreferenceCollator, folders: list[str], sequences: list[list[int]]) -> list[OnPolicyGroup]:
-    """Tokenize the sampled replies of ``folders`` (prompt + reply, no eos after a reply cut off by the length
-    limit), append them to ``sequences``, and say where each prompt's replies went: one group per prompt, holding
-    its replies from every folder (e.g. free replies and replies sampled from a declining opening), so pairs form
-    across folders too."""
-    from .onpolicy import read_replies
-
-    groups: dict[str, OnPolicyGroup] = {}
-    for folder in folders:
-        lines = read_replies(folder)
-        if not lines:
-            raise ValueError(f"onpolicy folder {folder!r} holds no sampled replies (paretoalign sample-replies writes them)")
-        for line in lines:
-            prompt = line["prompt"] if isinstance(line["prompt"], list) else [{"role": "user", "content": line["prompt"]}]
-            prompt_ids = collator.prompt_ids(prompt)
-            budget = collator.max_length - len(prompt_ids)
-            rows = []
-            for reply, finish in zip(line["replies"], line["finish"]):
-                rows.append(len(sequences))
-                sequences.append(prompt_ids + (collator.response_ids(reply, budget, eos=finish == "eos") or [collator.tokenizer.eos_token_id]))
-            group = groups.setdefault(line["prompt_id"], OnPolicyGroup(np.zeros(0, dtype=np.int64), len(prompt_ids), line.get("source"), [], line["prompt_id"]))
-            group.rows = np.concatenate([group.rows, np.array(rows, dtype=np.int64)])
-            group.texts += list(line["replies"])
-            group.folders += [str(folder)] * len(rows)
-    return list(groups.values())
-
-
 def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = True) -> PreparedData:
     """Split the pairs by prompt, tokenize train and validation pairs, and cache their backbone features."""
     pools = load_default_pairs(include_pku=config.include_pku, data_dir=config.data_dir)
@@ -414,7 +336,7 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
         splits = pool_splits[objective]
         limits = {"train": config.max_train_pairs, "validation": config.max_eval_pairs}
         for split, limit in limits.items():
-            chosen_pairs = _subsample(splits[split], limit, config.seed + objective_index)
+            chosen_pairs = subsample(splits[split], limit, config.seed + objective_index)
             indices[split][objective] = add_pair_sequences(collator, chosen_pairs, sequences)
             allowed = config.train_sources.get(objective)
             if split == "train" and allowed:
@@ -470,74 +392,6 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
     return PreparedData(
         cache, train_index, indices["validation"], block_cache, block_layer, candidates, report, conflicts, onpolicy_scores, first_sampled
     )
-
-
-def collate_pairs(
-    cache: FeatureCache,
-    index: PairIndex,
-    pair_ids: np.ndarray,
-    block_cache: FeatureCache | None = None,
-    block_layer: int | None = None,
-    first_sampled: int | None = None,
-) -> PairBatch:
-    """Left-padded :class:`PairBatch` of the chosen then the rejected sequences of ``pair_ids``.
-
-    ``block_cache`` (the same sequences' input of block ``block_layer``) fills ``block_hidden``; with
-    ``first_sampled`` (the index of the cache's first on-policy sequence) the batch marks the sampled replies.
-    """
-    rows = np.concatenate([index.chosen[pair_ids], index.rejected[pair_ids]])  # (2B,)
-    prompt_lengths = np.concatenate([index.prompt_length[pair_ids]] * 2)  # (2B,)
-    lengths = [int(cache.offsets[r + 1] - cache.offsets[r]) for r in rows]
-    longest, width = max(lengths), cache.hidden.shape[1]
-    hidden = torch.zeros(len(rows), longest, width)  # (2B, T, d)
-    block_hidden = None if block_cache is None else torch.zeros(len(rows), longest, width)  # (2B, T, d)
-    input_ids = torch.zeros(len(rows), longest, dtype=torch.long)  # (2B, T)
-    attention_mask = torch.zeros(len(rows), longest, dtype=torch.long)  # (2B, T)
-    response_mask = torch.zeros(len(rows), longest, dtype=torch.long)  # (2B, T)
-    for i, (row, length, prompt_length) in enumerate(zip(rows, lengths, prompt_lengths)):
-        tokens, states = cache.sequence(int(row))
-        start = longest - length
-        input_ids[i, start:] = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-        hidden[i, start:] = torch.from_numpy(np.asarray(states, dtype=np.float32))
-        if block_hidden is not None:
-            block_tokens, block_states = block_cache.sequence(int(row))
-            if not np.array_equal(block_tokens, tokens):
-                raise ValueError(f"feature caches {cache.directory} and {block_cache.directory} hold different sequences")
-            block_hidden[i, start:] = torch.from_numpy(np.asarray(block_states, dtype=np.float32))
-        attention_mask[i, start:] = 1
-        response_mask[i, start + int(prompt_length) :] = 1
-    sampled = None if first_sampled is None else torch.from_numpy(rows >= first_sampled)  # (2B,)
-    return PairBatch(hidden, input_ids, attention_mask, response_mask, block_hidden, block_layer, sampled=sampled)
-
-
-def sequence_prompt_lengths(indices: list[PairIndex], num_sequences: int) -> np.ndarray:
-    """``(S,)`` prompt tokens before each cached sequence's reply, from the pair indices that placed them."""
-    prompt_lengths = np.zeros(num_sequences, dtype=np.int64)
-    for index in indices:
-        prompt_lengths[index.chosen] = prompt_lengths[index.rejected] = index.prompt_length
-    return prompt_lengths
-
-
-def collate_candidates(candidates: CandidateCache, index: PairIndex, pair_ids: np.ndarray) -> CandidateBatch:
-    """The candidate tokens of the batch :func:`collate_pairs` makes from the same pairs, in its row-major order."""
-    rows = np.concatenate([index.chosen[pair_ids], index.rejected[pair_ids]])  # (2B,)
-    parts = [candidates.sequence(int(row)) for row in rows]
-    ids, logprobs, tail = (np.concatenate([part[i] for part in parts]) for i in range(3))
-    return CandidateBatch(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(np.array(logprobs)), torch.from_numpy(np.array(tail)))
-
-
-def batch_pair_ids(num_pairs: int, batch_size: int, step: int, seed: int, stream: int) -> np.ndarray:
-    """The pairs of ``step``: consecutive slices of per-epoch permutations, a pure function of its arguments."""
-    positions = np.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, offsets = positions // num_pairs, positions % num_pairs
-    permutations = {e: np.random.default_rng([seed, stream, int(e)]).permutation(num_pairs) for e in np.unique(epochs)}
-    return np.array([permutations[e][o] for e, o in zip(epochs, offsets)])
-
-
-def step_preference(num_objectives: int, step: int, seed: int, concentration: float) -> torch.Tensor:
-    """The step's ``w ~ Dirichlet``: ``(k,)``, a pure function of ``(seed, step)``."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return sample_preference(num_objectives, generator, concentration)
 
 
 # ---------------------------------------------------------------------------------------------- steps

@@ -28,7 +28,7 @@ from paretoalign.features import block_input
 from paretoalign.generation import generate, prepare_batch
 from paretoalign.methods import METHODS, build_decoder
 from paretoalign.model import DualHeadConfig, DualHeadModel, position_ids_from_mask
-from paretoalign.train import collate_pairs
+from paretoalign.batches import collate_pairs
 
 OBJECTIVES = ["helpfulness", "harmlessness"]
 

@@ -10,7 +10,8 @@ import torch
 from paretoalign import features as features_module
 from paretoalign import train as train_module
 from paretoalign.model import DualHeadModel
-from paretoalign.train import TrainConfig, collate_pairs, prepare_data, step_preference, train, training_loss
+from paretoalign.batches import collate_pairs, step_preference
+from paretoalign.train import TrainConfig, prepare_data, train, training_loss
 
 
 def make_config(small_data, tmp_path, **overrides) -> TrainConfig:

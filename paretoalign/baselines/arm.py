@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..backbone import tokenizer_fingerprint, weights_fingerprint
+from ..batches import PairBatch
 from ..blocks import (  # noqa: F401  (BoundPBLoRALinear, bind_preference, causal_lm: part of this module's API)
     ATTENTION_PROJECTIONS,
     BoundPBLoRALinear,
@@ -40,7 +41,6 @@ from ..blocks import (  # noqa: F401  (BoundPBLoRALinear, bind_preference, causa
 )
 from ..files import atomic_write, read_json_object, read_safetensors, safetensors_shapes
 from ..losses import label_logprobs, next_token_targets
-from ..objective import PairBatch
 from ..pblora import PBLoRAConfig
 
 ARM_METHODS = ("genarm", "parm")

@@ -24,6 +24,16 @@ import torch
 from safetensors.torch import save_file
 
 from ..backbone import DEFAULT_BACKBONE, load_backbone
+from ..batches import (  # the Dual-Head trainer's pairs, batches and preferences: every method learns from the same data
+    PairBatch,
+    PreparedData,
+    add_pair_sequences,
+    batch_pair_ids,
+    collate_pairs,
+    join_pair_batches,
+    step_preference,
+    subsample,
+)
 from ..data import PreferenceCollator, load_default_pairs, split_pools
 from ..features import build_feature_cache, feature_cache_root
 from ..files import (
@@ -33,17 +43,8 @@ from ..files import (
 from ..loop import Recipe, run_loop
 from ..losses import arm_preference_loss
 from ..model import DualHeadConfig, DualHeadModel
-from ..objective import PairBatch, join_pair_batches
 from ..preference import DEFAULT_OBJECTIVES
-from ..train import (  # the Dual-Head trainer's pairs, batches and preferences: every method learns from the same data
-    PreparedData,
-    _subsample,
-    add_pair_sequences,
-    batch_pair_ids,
-    collate_pairs,
-    machine_description,
-    step_preference,
-)
+from ..train import machine_description
 from .arm import (
     ARM_METHODS,
     ARMConfig,
@@ -163,7 +164,7 @@ def prepare_arm_data(config: ARMTrainConfig, model: DualHeadModel, first_layer: 
     for objective_index, objective in enumerate(config.objectives):
         splits = pool_splits[objective]
         for split, limit in (("train", config.max_train_pairs), ("validation", config.max_eval_pairs)):
-            pairs = _subsample(splits[split], limit, config.seed + objective_index)
+            pairs = subsample(splits[split], limit, config.seed + objective_index)
             indices[split][objective] = add_pair_sequences(collator, pairs, sequences)
     root = feature_cache_root(config.feature_cache)
     cache = build_feature_cache(model, sequences, root, config.max_batch_tokens, progress, layer=first_layer)
