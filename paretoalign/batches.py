@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .candidates import CandidateBatch, CandidateCache
-from .data import PreferenceCollator, PreferencePair
+from .data import PreferenceCollator, PreferencePair, read_replies
 from .features import FeatureCache
 from .losses import sample_preference
 
@@ -150,8 +150,6 @@ def add_onpolicy_sequences(collator: PreferenceCollator, folders: list[str], seq
     limit), append them to ``sequences``, and say where each prompt's replies went: one group per prompt, holding
     its replies from every folder (e.g. free replies and replies sampled from a declining opening), so pairs form
     across folders too."""
-    from .onpolicy import read_replies
-
     groups: dict[str, OnPolicyGroup] = {}
     for folder in folders:
         lines = read_replies(folder)

@@ -6,12 +6,15 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .files import read_results
 
 logger = logging.getLogger(__name__)
 
@@ -578,3 +581,11 @@ class PreferenceCollator:
                 raise ValueError(f"pair objectives {unknown} are not in objectives {self.objectives}")
             batch["objective"] = torch.tensor([self.objectives.index(pair.objective) for pair in pairs], dtype=torch.long)  # (B,)
         return batch
+
+
+REPLIES_NAME = "replies.jsonl"  # a sampling folder's replies (paretoalign sample-replies), one prompt per line
+
+
+def read_replies(directory: str | os.PathLike) -> list[dict]:
+    """The complete prompt lines of a sampling folder (a cut-off last line is dropped)."""
+    return read_results(Path(directory) / REPLIES_NAME)

@@ -23,6 +23,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .files import (
     TRAINER_STATE_NAME,
+    append_rows,
     atomic_write,
     latest_checkpoint,
     read_optimizer_state,
@@ -82,11 +83,6 @@ def truncate_log(path: Path, step: int) -> None:
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
 
-def append_log(path: Path, record: dict) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
 def run_loop(
     recipe: Recipe,
     output: Path,
@@ -143,7 +139,7 @@ def run_loop(
             final_eval = recipe.evaluate(done)
             record.update(final_eval)
         if main:
-            append_log(log_path, record)
+            append_rows(log_path, [record])
             if done % checkpoint_every == 0 or done == steps:
                 write_checkpoint(state_dir, f"step-{done:08d}", lambda folder: save_state(folder, recipe, optimizer, scheduler, done))
         bar.set_postfix({key: f"{fields[key]:.3f}" for key in ("loss", "lm_loss") if key in fields})

@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .evaluation.sweep import append_rows, load_prompts, read_results, record_settings, row_seed
+from .data import REPLIES_NAME, read_replies  # noqa: F401 (read_replies: the folders this module writes)
+from .evaluation.sweep import load_prompts, record_settings, row_seed
+from .files import append_rows, read_results
 
 SETTINGS_NAME = "replies.json"
-REPLIES_NAME = "replies.jsonl"
 FORMAT_VERSION = 1
 
 
@@ -104,11 +105,6 @@ def prompt_sources(path: str | os.PathLike) -> dict[str, str]:
         for _, value in read_json_values(path)
         if isinstance(value, dict) and "prompt" in value and "source" in value
     }
-
-
-def read_replies(directory: str | os.PathLike) -> list[dict]:
-    """The complete prompt lines of a sampling folder (a cut-off last line is dropped)."""
-    return read_results(Path(directory) / REPLIES_NAME)
 
 
 def _settings(config: SampleConfig, model) -> dict:

@@ -22,13 +22,13 @@ from paretoalign.baselines.arm import (
 )
 from paretoalign.baselines.arm_training import ARMTrainConfig, arm_training_loss, prepare_arm_data, train_arm
 from paretoalign.baselines.unconditioned import UnconditionedDualHeadModel
+from paretoalign.batches import collate_pairs
 from paretoalign.cli import main
 from paretoalign.evaluation.sweep import SweepConfig, read_results, run_sweep
 from paretoalign.features import block_input
 from paretoalign.generation import generate, prepare_batch
 from paretoalign.methods import METHODS, build_decoder
 from paretoalign.model import DualHeadConfig, DualHeadModel, position_ids_from_mask
-from paretoalign.batches import collate_pairs
 
 OBJECTIVES = ["helpfulness", "harmlessness"]
 

@@ -9,8 +9,8 @@ import torch
 
 from paretoalign import features as features_module
 from paretoalign import train as train_module
-from paretoalign.model import DualHeadModel
 from paretoalign.batches import collate_pairs, step_preference
+from paretoalign.model import DualHeadModel
 from paretoalign.train import TrainConfig, prepare_data, train, training_loss
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_write, read_json_object
+from ..files import append_rows, atomic_write, read_json_object, read_results
 from ..generation import check_prompt
 from ..methods import build_decoder, get_method, parse_methods, trainable_parameters
 from ..preference import simplex_grid
@@ -307,49 +307,6 @@ def row_key(row: dict) -> tuple:
     """What makes a result row unique: ``(method, preference or None, prompt_id)``."""
     preference = row.get("preference")
     return row["method"], None if preference is None else tuple(float(w) for w in preference), row["prompt_id"]
-
-
-def read_results(path: str | os.PathLike, repair: bool = False) -> list[dict]:
-    """The complete rows of a ``results.jsonl``.
-
-    A last line without its newline is a write that was cut off: it is dropped (and, with ``repair``,
-    cut from the file so appending continues cleanly). A broken line elsewhere raises ``ValueError``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    *lines, tail = data.split(b"\n")
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg}); the file is damaged") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{path}: line {number} is not UTF-8 text; the file is damaged") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: line {number} holds a JSON {type(row).__name__}, not a row object; the file is damaged")
-        rows.append(row)
-    if tail.strip():
-        logger.warning("%s: dropping a partly written last line (%d bytes) from an interrupted write", path, len(tail))
-        if repair:
-            with open(path, "r+b") as handle:
-                handle.truncate(len(data) - len(tail))
-                handle.flush()
-                os.fsync(handle.fileno())
-    return rows
-
-
-def append_rows(path: Path, rows: Sequence[dict]) -> None:
-    """Append ``rows`` as JSON lines in one write, then flush and fsync: a crash loses at most this batch."""
-    payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
-    with open(path, "ab") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 # ---------------------------------------------------------------------------------------------- measuring
