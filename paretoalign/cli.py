@@ -303,7 +303,7 @@ def _add_train_scorer(subparsers) -> None:
 
 
 def run_train_scorer(args: argparse.Namespace) -> int:
-    from .evaluation.scorer_training import ScorerTrainConfig, train_scorer
+    from .scorers.training import ScorerTrainConfig, train_scorer
 
     overrides = {"output_dir": args.out, "epochs": args.epochs, "embedding_cache": args.embedding_cache}
     config = ScorerTrainConfig(seed=args.seed, device=args.device, **{key: value for key, value in overrides.items() if value is not None})

@@ -108,7 +108,7 @@ def get_scorer():
     with _lock:
         if not _scorer_loaded:
             try:
-                from .evaluation.rewards import load_scorer
+                from .scorers.rewards import load_scorer
 
                 _scorer, _scorer_problem = load_scorer(), None
             # Scores are an extra: a missing checkpoint or package (or any other failure) must not take the app down.

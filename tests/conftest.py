@@ -95,7 +95,7 @@ def baseline_checkpoints(baseline_root, monkeypatch):
     """Every registered method builds on the tiny model: the baselines' checkpoints come from ``baseline_root`` and
     ARGS is guided by a :class:`MarkerScorer` instead of the shipped scorer."""
     monkeypatch.setenv("PARETOALIGN_BASELINE_CHECKPOINTS", str(baseline_root))
-    monkeypatch.setattr("paretoalign.evaluation.rewards.load_scorer", lambda spec=None, device=None, **kwargs: MarkerScorer())
+    monkeypatch.setattr("paretoalign.scorers.rewards.load_scorer", lambda spec=None, device=None, **kwargs: MarkerScorer())
     return baseline_root
 
 

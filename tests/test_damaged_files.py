@@ -89,7 +89,7 @@ def test_damaged_arm_and_scorer_checkpoints_name_the_file(kind, baseline_root, b
             with pytest.raises(ValueError, match="ARM config .* is not valid JSON"):
                 load_arm(directory, backbone, tokenizer, method)
     else:
-        from paretoalign.evaluation.rewards import MiniLMRewardScorer
+        from paretoalign.scorers.rewards import MiniLMRewardScorer
 
         directory = tmp_path / "scorer"
         shutil.copytree(REPO / "checkpoints" / "reward-minilm", directory)

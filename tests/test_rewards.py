@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from paretoalign.evaluation.rewards import (
+from paretoalign.scorers.rewards import (
     DEFAULT_SCORER_DIR,
     HH_TEMPLATE,
     EmbeddingRewardHead,
@@ -24,7 +24,7 @@ from paretoalign.evaluation.rewards import (
     parse_hf_spec,
     reward_features,
 )
-from paretoalign.evaluation.scorer_training import (
+from paretoalign.scorers.training import (
     EmbeddingCache,
     EncodedPairs,
     ScorerTrainConfig,

@@ -2,7 +2,7 @@
 
     score(v) = z_base(v | x, y_<t) + weight · sum_i w_i · r_i(x, y_<t v)     for v in the top-k of z_base
 
-``r`` is a :class:`~paretoalign.evaluation.rewards.RewardScorer` reading the prompt and the partial answer plus the
+``r`` is a :class:`~paretoalign.scorers.rewards.RewardScorer` reading the prompt and the partial answer plus the
 candidate as text. Tokens outside the top-k get ``-inf``, so greedy decoding picks the best rescored candidate and
 sampling draws among the rescored candidates only. When the scorer is also the sweep's evaluator (the default),
 ARGS optimises the very rewards it is judged by: keep that in mind when comparing fronts.
@@ -255,13 +255,13 @@ def build_decoder(
     """The ``args`` method over ``model``'s backbone.
 
     Args:
-        scorer: a scorer object, or a spec for :func:`~paretoalign.evaluation.rewards.load_scorer` (``None``: the
+        scorer: a scorer object, or a spec for :func:`~paretoalign.scorers.rewards.load_scorer` (``None``: the
             shipped default, which is also the sweep's default evaluator).
         weight: ARGS's reward weight; defaults to ``strength`` (the sweep's steering strength), else 1.
         fusion: unused.
     """
     if scorer is None or isinstance(scorer, str) or hasattr(scorer, "__fspath__"):
-        from ..evaluation.rewards import load_scorer
+        from ..scorers.rewards import load_scorer
 
         scorer = load_scorer(scorer, device=model.device)
     weight = weight if weight is not None else strength if strength is not None else DEFAULT_WEIGHT

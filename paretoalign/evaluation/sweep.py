@@ -431,7 +431,7 @@ def _load_model(config: SweepConfig):
 
 
 def _load_scorer(spec: str | None, device):
-    from .rewards import load_scorer
+    from ..scorers.rewards import load_scorer
 
     return load_scorer(spec, device=device)
 

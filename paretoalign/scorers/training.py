@@ -198,7 +198,7 @@ def encode_pairs(
     batch_size: int = 32,
     progress: bool = True,
 ) -> EncodedPairs:
-    """Head features of ``pairs`` from cached encoder embeddings (see :func:`paretoalign.evaluation.rewards.reward_features`)."""
+    """Head features of ``pairs`` from cached encoder embeddings (see :func:`paretoalign.scorers.rewards.reward_features`)."""
     prompts = [prompt_text(pair.prompt, prompt_kind) for pair in pairs]
     chosen_texts, rejected_texts = [pair.chosen for pair in pairs], [pair.rejected for pair in pairs]
     embeddings = embed_texts(encoder, prompts + chosen_texts + rejected_texts, cache, batch_size, progress)  # (3n, d)
@@ -419,7 +419,7 @@ def model_card(config: MiniLMScorerConfig, summary: dict) -> str:
     machine = summary["machine"]
     return f"""# reward-minilm: offline Bradley–Terry reward scorers
 
-The default reward scorer of `paretoalign.evaluation.rewards.load_scorer()`: it scores a reply to a
+The default reward scorer of `paretoalign.scorers.rewards.load_scorer()`: it scores a reply to a
 prompt for each objective ({", ".join(config.objectives)}), **higher is better** in every column. Only
 differences between replies to the same prompt are meaningful (Bradley–Terry log-odds).
 
@@ -440,7 +440,7 @@ Ray2333 GPT-2 reward models instead.
 Anthropic HH-RLHF (MIT License, Copyright (c) 2022 Anthropic; see `data/README.md` and
 `data/hh-rlhf/LICENSE`): helpfulness from helpful-base, helpful-online and helpful-rejection-sampled,
 harmlessness from harmless-base. These are HH-RLHF's own test files, re-split by prompt with
-`paretoalign.evaluation.scorer_training.hh_splits(seed={summary["split_seed"]})` into train / validation / test (split together with PKU-SafeRLHF, near-duplicate prompts kept in one split; PKU-SafeRLHF itself was not used).
+`paretoalign.scorers.training.hh_splits(seed={summary["split_seed"]})` into train / validation / test (split together with PKU-SafeRLHF, near-duplicate prompts kept in one split; PKU-SafeRLHF itself was not used).
 
 ## Training
 

