@@ -101,10 +101,8 @@ class BoundPBLoRALinear(PBLoRALinear):
             return super().forward(x, preference)
         if self.bound_preference is None:
             raise RuntimeError("no preference is bound to this PBLoRA layer; call bind_preference(model, preference) first")
-        if self.merged:
-            return super().forward(x, self.bound_preference)
         # bind_preference validated it once; a decoding step does not check it again in every projection
-        return self.base_layer(x) + self.adapter_output(x, self.bound_preference).to(x.dtype)
+        return self.forward_checked(x, self.bound_preference)
 
 
 def add_attention_pblora(

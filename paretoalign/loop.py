@@ -59,6 +59,18 @@ class LoopResult:
     seconds: float  # wall time of the steps this call ran
     final_eval: dict  # the last validation fields
 
+    def summary(self, steps: int, cache_directory: Path, feature_seconds: float, machine) -> dict:
+        """What a trainer records about the run: steps, resume point, training time, the feature cache's build time
+        (from its ``meta.json``, else the seconds this run spent preparing data) and the machine."""
+        built = json.loads((Path(cache_directory) / "meta.json").read_text()).get("seconds", round(feature_seconds, 1))
+        return {
+            "steps": steps,
+            "resumed_from_step": self.start,
+            "train_seconds": round(self.seconds, 1),
+            "feature_seconds": built,
+            "machine": machine,
+        }
+
 
 def save_state(directory: Path, recipe: Recipe, optimizer, scheduler, step: int) -> None:
     """A resumable checkpoint: the recipe's trainable weights, then the optimizer's moments and counters."""
@@ -87,31 +99,29 @@ def run_loop(
     recipe: Recipe,
     output: Path,
     parameter_groups: Sequence[dict],
+    config,
     *,
-    steps: int,
-    learning_rate: float,
-    warmup_steps: int,
-    max_grad_norm: float,
-    weight_decay: float = 0.0,
-    adam_betas: tuple[float, float] = (0.9, 0.999),
-    eval_every: int,
-    checkpoint_every: int,
     device: torch.device | str = "cpu",
     accelerator=None,
     progress: bool = True,
     description: str = "training",
 ) -> LoopResult:
-    """Train ``parameter_groups`` (AdamW groups) for ``steps`` steps, resuming from ``output/checkpoint``.
+    """Train ``parameter_groups`` (AdamW groups) for ``config.steps`` steps, resuming from ``output/checkpoint``.
+
+    ``config`` is the trainer's config: the loop reads its ``steps``, ``learning_rate``, ``warmup_steps``,
+    ``max_grad_norm``, ``weight_decay``, ``eval_every``, ``checkpoint_every`` and, where it has them, ``adam_betas``.
 
     With an ``accelerate`` ``accelerator`` of several processes, each process's recipe takes its share of every
     step's pairs, the gradients are averaged across processes before the update, and the main process alone writes
     the log and checkpoints.
     """
+    steps, eval_every, checkpoint_every = config.steps, config.eval_every, config.checkpoint_every
     world = accelerator.num_processes if accelerator is not None else 1
     main = accelerator is None or accelerator.is_main_process
     trainable = [parameter for group in parameter_groups for parameter in group["params"]]
-    optimizer = torch.optim.AdamW(parameter_groups, lr=learning_rate, betas=tuple(adam_betas), weight_decay=weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, steps)
+    betas = tuple(getattr(config, "adam_betas", (0.9, 0.999)))
+    optimizer = torch.optim.AdamW(parameter_groups, lr=config.learning_rate, betas=betas, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, steps)
     state_dir, log_path = output / STATE_DIR, output / LOG_NAME
     latest = latest_checkpoint(state_dir, TRAINER_STATE_NAME)
     start = load_state(latest, recipe, optimizer, scheduler, str(device)) if latest is not None else 0
@@ -130,7 +140,7 @@ def run_loop(
             for parameter in trainable:
                 if parameter.grad is not None:
                     parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         done = step + 1

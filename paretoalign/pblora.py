@@ -155,15 +155,18 @@ class PBLoRALinear(nn.Module):
         return torch.cat([shared @ self.lora_W1.T, aware], dim=-1) if self.r1 else aware  # (..., r1 + r2)
 
     def forward(self, x: torch.Tensor, preference: torch.Tensor) -> torch.Tensor:
+        return self.forward_checked(x, self._check_preference(preference))
+
+    def forward_checked(self, x: torch.Tensor, preference: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for a preference already validated and on the adapter's device (a bound or batched one)."""
         if self.merged:
-            preference = self._check_preference(preference)
             if not torch.equal(preference.expand_as(self._merged_preference), self._merged_preference):
                 raise ValueError(
                     f"layer is merged for preference {self._merged_preference.tolist()}; "
                     f"unmerge() before using preference {preference.tolist()}"
                 )
             return self.base_layer(x)
-        return self.base_layer(x) + self.adapter_output(x, self._check_preference(preference)).to(x.dtype)
+        return self.base_layer(x) + self.adapter_output(x, preference).to(x.dtype)
 
     def get_delta_weight(self, preference: torch.Tensor) -> torch.Tensor:
         """``s · B · blockdiag(W1, W2(w)) · A``, the ``(out, in)`` update for one ``(k,)`` preference."""

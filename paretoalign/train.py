@@ -591,14 +591,7 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
         recipe,
         output,
         parameter_groups(model, config),
-        steps=config.steps,
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        max_grad_norm=config.max_grad_norm,
-        weight_decay=config.weight_decay,
-        adam_betas=config.adam_betas,
-        eval_every=config.eval_every,
-        checkpoint_every=config.checkpoint_every,
+        config,
         device=model.device,
         accelerator=accelerator,
         progress=progress,
@@ -607,13 +600,6 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
     if accelerator.is_main_process:
         model.save_pretrained(output / "model")
         final_eval = {key: value for key, value in result.final_eval.items() if key != "val_readout"}
-        summary = {
-            "steps": config.steps,
-            "resumed_from_step": result.start,
-            "train_seconds": round(result.seconds, 1),
-            "feature_seconds": json.loads((data.cache.directory / "meta.json").read_text()).get("seconds", round(feature_seconds, 1)),
-            "machine": machine_description(accelerator.device),
-            **final_eval,
-        }
+        summary = {**result.summary(config.steps, data.cache.directory, feature_seconds, machine_description(accelerator.device)), **final_eval}
         atomic_write(output / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     return model.eval()
