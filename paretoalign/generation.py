@@ -80,13 +80,17 @@ class DualHeadDecoder:
         self.branch_cache: DynamicCache | None = None  # the reward branch's blocks (reward_layers > 0)
         self.gate_cache: GateCache | None = None
         self.preference: torch.Tensor | None = None
+        self.context: torch.Tensor | None = None  # (B, d) the prompt's mean state, for a head that reads it
 
-    def _scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> StepOutput:
+    def _scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt: bool = False) -> StepOutput:
         model = self.model
         hidden, block_hidden = model.backbone_states(input_ids, attention_mask, self.cache)  # (B, T, d) each
+        if prompt:
+            self.context = model.prompt_context(hidden, attention_mask)  # (B, d) or None
         reward_hidden = model.reward_hidden(hidden, block_hidden, attention_mask, self.preference, self.branch_cache)  # (B, T, d)
         logits, gate, lm_logits, self.gate_cache = model.next_token_logits(
-            hidden, attention_mask, self.preference, self.gate_cache, self.fusion, self.strength, reward_hidden, self.guidance_top_k
+            hidden, attention_mask, self.preference, self.gate_cache, self.fusion, self.strength, reward_hidden, self.guidance_top_k,
+            self.context,
         )
         return StepOutput(logits, gate, lm_logits)  # (B, V), (B,), (B, V)
 
@@ -94,7 +98,7 @@ class DualHeadDecoder:
         self.cache = DynamicCache(config=self.model.backbone.config)
         self.branch_cache = DynamicCache() if self.model.reward_branch is not None else None
         self.gate_cache, self.preference = None, preference
-        return self._scores(input_ids, attention_mask)
+        return self._scores(input_ids, attention_mask, prompt=True)
 
     def step(self, tokens, attention_mask) -> StepOutput:
         return self._scores(tokens, attention_mask)

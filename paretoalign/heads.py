@@ -13,6 +13,20 @@ from .blocks import add_attention_pblora, bind_preference, decoder_stack, run_bl
 from .pblora import PBLoRAConfig, PBLoRALinear
 
 REWARD_HEAD_KINDS = ("pblora", "hidden", "full_rank", "lora")
+REWARD_CONTEXTS = ("none", "prompt")
+
+
+def prompt_context(hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of the final hidden states over each row's prompt tokens: ``(B, T, d)``, ``(B, T)`` -> ``(B, d)`` float32.
+
+    What a reward head with ``reward_context="prompt"`` reads beside each position's own state: one summary of the
+    request (is it harmful? what does it ask?) that the reply's last state alone carries only faintly.
+    """
+    weights = prompt_mask.to(torch.float32)[..., None]  # (B, T, 1)
+    counts = weights.sum(dim=1)  # (B, 1)
+    if bool((counts == 0).any()):
+        raise ValueError("prompt_context needs at least one prompt token in every row (prompt_mask is empty for a row)")
+    return (hidden.float() * weights).sum(dim=1) / counts  # (B, d)
 
 
 def constant_preference(preference: torch.Tensor) -> torch.Tensor:
@@ -31,20 +45,29 @@ class RewardHead(nn.Module):
         ``full_rank``: a trainable ``V × d`` head initialised from the LM head, plus a PBLoRA update
             (the Dual-Head paper's large-head setting; costs a second vocabulary projection per token).
         ``lora``: a preference-unaware low-rank update (ablation): the same layer fed a constant preference.
+
+    ``context="prompt"`` (``hidden`` kind only): the adapter reads ``[h_t; c]``, each position's state beside the
+    prompt's mean state ``c`` (:func:`prompt_context`), so what the head pushes can depend on the request as a whole
+    (decline a harmful question, answer a benign one) and not only on the reply's latest state.
     """
 
-    def __init__(self, lm_head: nn.Linear, kind: str, adapter: PBLoRAConfig, num_objectives: int):
+    def __init__(self, lm_head: nn.Linear, kind: str, adapter: PBLoRAConfig, num_objectives: int, context: str = "none"):
         super().__init__()
         if kind not in REWARD_HEAD_KINDS:
             raise ValueError(f"reward head kind must be one of {REWARD_HEAD_KINDS}, got {kind!r}")
+        if context not in REWARD_CONTEXTS:
+            raise ValueError(f"reward_context must be one of {REWARD_CONTEXTS}, got {context!r}")
+        if context != "none" and kind != "hidden":
+            raise ValueError(f"reward_context {context!r} needs reward_head 'hidden', got {kind!r}")
         if lm_head.bias is not None and kind != "full_rank":
             raise ValueError("the backbone's LM head has a bias; only reward head kind 'full_rank' supports it")
-        self.kind = kind
+        self.kind, self.context = kind, context
         self.preference_aware = kind != "lora"
         self.lm_head = None
         if kind == "hidden":
             # theta_0 = 0 over the hidden state: the head starts as the LM head and only the adapter trains.
-            base = nn.Linear(lm_head.in_features, lm_head.in_features, bias=False)
+            width = lm_head.in_features * (2 if context == "prompt" else 1)  # [h_t; c] with a prompt context
+            base = nn.Linear(width, lm_head.in_features, bias=False)
             base.to(device=lm_head.weight.device, dtype=torch.float32)
             nn.init.zeros_(base.weight)
             freeze_base = True
@@ -66,19 +89,39 @@ class RewardHead(nn.Module):
             return preference
         return constant_preference(preference)  # (B, 1)
 
-    def forward(self, hidden: torch.Tensor, lm_logits: torch.Tensor, preference: torch.Tensor) -> torch.Tensor:
-        """Reward logits ``(B, T, V)`` from hidden states ``(B, T, d)`` and the LM head's ``(B, T, V)``."""
+    def _adapter_input(self, hidden: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """What the adapter reads: ``hidden`` ``(..., d)``, or ``[hidden; context]`` ``(..., 2d)`` with a prompt context
+        (``context`` ``(B, d)`` per row, broadcast over the positions of ``hidden`` ``(B, d)`` or ``(B, T, d)``)."""
+        if self.context == "none":
+            return hidden
+        if context is None:
+            raise ValueError("this reward head reads the prompt's mean state (reward_context 'prompt'): pass context")
+        if context.shape[0] != hidden.shape[0] or context.shape[-1] != hidden.shape[-1]:
+            raise ValueError(f"context must be (B, d) = ({hidden.shape[0]}, {hidden.shape[-1]}), got {tuple(context.shape)}")
+        context = context.to(hidden.dtype).reshape(context.shape[0], *([1] * (hidden.dim() - 2)), context.shape[-1])
+        return torch.cat([hidden, context.expand_as(hidden)], dim=-1)  # (..., 2d)
+
+    def forward(
+        self, hidden: torch.Tensor, lm_logits: torch.Tensor, preference: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Reward logits ``(B, T, V)`` from hidden states ``(B, T, d)`` and the LM head's ``(B, T, V)``; ``context``
+        ``(B, d)``: the prompt's mean state, for a head with ``context="prompt"``."""
         preference = self._adapter_preference(preference)
         if self.kind == "full_rank":
             return self.adapter(hidden, preference)  # (B, T, V)
         if self.kind == "hidden":
             lm_head = self.lm_head[0]
-            shift = self.adapter.adapter_output(hidden, preference)  # (B, T, d)
+            shift = self.adapter.adapter_output(self._adapter_input(hidden, context), preference)  # (B, T, d)
             return lm_logits + lm_head(shift.to(lm_head.weight.dtype)).to(lm_logits.dtype)  # (B, T, V)
         return lm_logits + self.adapter.adapter_output(hidden, preference).to(lm_logits.dtype)  # (B, T, V)
 
     def candidate_shift(
-        self, hidden: torch.Tensor, preference: torch.Tensor, candidates: torch.Tensor, base_hidden: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        preference: torch.Tensor,
+        candidates: torch.Tensor,
+        base_hidden: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``z_RM - z_LM`` at a few candidate tokens per position: ``(N, d)``, ``(N, k)``, ``(N, C)`` ids -> ``(N, C)``.
 
@@ -86,6 +129,7 @@ class RewardHead(nn.Module):
         product, which is what lets training score only each position's likeliest tokens (:mod:`paretoalign.candidates`).
         ``base_hidden`` ``(N, d)``: the backbone's final state when ``hidden`` is a reward branch's own (``reward_layers``
         > 0); ``z_LM`` is read from it, so the LM head's change ``W·(hidden - base_hidden)`` is added.
+        ``context`` ``(N, d)``: each row's prompt mean state, for a head with ``context="prompt"``.
         ``full_rank`` changes every logit through a trainable ``V × d`` matrix and has no such shortcut.
         """
         if self.kind == "full_rank":
@@ -94,7 +138,7 @@ class RewardHead(nn.Module):
         hidden = hidden.float()
         moved = None if base_hidden is None else hidden - base_hidden.float()  # (N, d) the branch's change of the state
         if self.kind == "hidden":
-            shift = self.adapter.adapter_output(hidden, preference)  # (N, d)
+            shift = self.adapter.adapter_output(self._adapter_input(hidden, context), preference)  # (N, d)
             moved = shift if moved is None else moved + shift
             return self._embedding_rows(candidates, moved)  # (N, C)
         shift = self.adapter.adapter_output_rows(hidden, preference, candidates)  # (N, C)

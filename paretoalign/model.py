@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .blocks import position_ids_from_mask
 from .backbone import DEFAULT_BACKBONE, cache_kwargs, load_backbone, tokenizer_fingerprint, weights_fingerprint
 from .files import atomic_write, read_json_object, read_safetensors, safetensors_shapes
-from .heads import REWARD_HEAD_KINDS, ContextGate, GateCache, RewardBranch, RewardHead
+from .heads import REWARD_CONTEXTS, REWARD_HEAD_KINDS, ContextGate, GateCache, RewardBranch, RewardHead, prompt_context
 from .pblora import PBLoRAConfig
 from .preference import DEFAULT_OBJECTIVES, preference_batch
 
@@ -61,6 +61,14 @@ class DualHeadConfig:
             "decode cost about k/N of a backbone pass"
         },
     )
+    reward_context: str = field(
+        default="none",
+        metadata={
+            "help": f"one of {REWARD_CONTEXTS}: 'prompt' lets the reward head (kind 'hidden') read the prompt's mean final "
+            "state beside each position's own, so what it pushes can depend on the request as a whole; 'none' reads the "
+            "position's state only"
+        },
+    )
     gate_size: int = field(default=256, metadata={"help": "width of the gate's attention"})
     gate_heads: int = field(default=4, metadata={"help": "attention heads in the gate (1: single-head ablation)"})
     gate_adapter: PBLoRAConfig = field(default_factory=lambda: PBLoRAConfig(r1=2, r2=4, lora_alpha=8.0))
@@ -93,6 +101,10 @@ class DualHeadConfig:
             raise ValueError(f"reward_baseline must be one of {REWARD_BASELINES}, got {self.reward_baseline!r}")
         if self.reward_reduction not in REWARD_REDUCTIONS:
             raise ValueError(f"reward_reduction must be one of {REWARD_REDUCTIONS}, got {self.reward_reduction!r}")
+        if self.reward_context not in REWARD_CONTEXTS:
+            raise ValueError(f"reward_context must be one of {REWARD_CONTEXTS}, got {self.reward_context!r}")
+        if self.reward_context != "none" and self.reward_head != "hidden":
+            raise ValueError(f"reward_context {self.reward_context!r} needs reward_head 'hidden', got {self.reward_head!r}")
         if isinstance(self.reward_layers, bool) or not isinstance(self.reward_layers, int) or self.reward_layers < 0:
             raise ValueError(f"reward_layers must be an integer >= 0, got {self.reward_layers!r}")
         if self.fusion not in FUSION_MODES:
@@ -221,7 +233,9 @@ class DualHeadModel(nn.Module):
         self.tokenizer = tokenizer
         self.backbone = backbone.eval().requires_grad_(False)
         device = backbone.get_output_embeddings().weight.device
-        self.reward_head = RewardHead(backbone.get_output_embeddings(), config.reward_head, config.reward_adapter, config.num_objectives)
+        self.reward_head = RewardHead(
+            backbone.get_output_embeddings(), config.reward_head, config.reward_adapter, config.num_objectives, config.reward_context
+        )
         self.context_gate = ContextGate(
             config.hidden_size, config.gate_size, config.gate_heads, config.gate_adapter, config.num_objectives, config.fixed_gate
         )
@@ -291,16 +305,27 @@ class DualHeadModel(nn.Module):
             raise ValueError(f"this model's reward branch needs the input of block {self.branch_layer} (block_hidden)")
         return self.reward_branch(block_hidden, attention_mask, preference, branch_cache, from_layer)
 
-    def reward_logits(self, reward_hidden: torch.Tensor, preference: torch.Tensor, lm_logits: torch.Tensor | None = None) -> torch.Tensor:
+    def prompt_context(self, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor | None:
+        """What a ``reward_context="prompt"`` head reads beside each state: the mean final state over each row's prompt
+        tokens, ``(B, T, d)``, ``(B, T)`` -> ``(B, d)``; ``None`` for a head without a context."""
+        return prompt_context(hidden, prompt_mask) if self.config.reward_context == "prompt" else None
+
+    def reward_logits(
+        self,
+        reward_hidden: torch.Tensor,
+        preference: torch.Tensor,
+        lm_logits: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """z_RM ``(..., V)`` from what the reward head reads ``(..., d)`` and a ``(..., k)`` preference.
 
         ``lm_logits`` is the frozen LM head's read-out of that same state when the caller has it (no reward branch);
-        otherwise it is computed here (the branch's state needs its own).
+        otherwise it is computed here (the branch's state needs its own). ``context``: :meth:`prompt_context`'s.
         """
         if lm_logits is None:
             lm_head = self.backbone.get_output_embeddings()
             lm_logits = lm_head(reward_hidden.to(lm_head.weight.dtype)).float()  # (..., V)
-        return self.reward_head(reward_hidden.float(), lm_logits, preference)  # (..., V)
+        return self.reward_head(reward_hidden.float(), lm_logits, preference, context)  # (..., V)
 
     def heads(
         self,
@@ -312,10 +337,12 @@ class DualHeadModel(nn.Module):
         fusion: str | None = None,
         strength: float | None = None,
         reward_hidden: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> tuple[DualHeadOutput, GateCache | None]:
         """Both heads and the fusion over hidden states ``(B, T, d)`` with a ``(B, k)`` preference.
 
         ``reward_hidden`` ``(B, T, d)`` is what the reward head reads (:meth:`reward_hidden`); default ``hidden``.
+        ``context`` ``(B, d)``: the prompt's mean state (:meth:`prompt_context`), for a head that reads one.
         """
         fusion = fusion or self.config.fusion
         strength = self.config.strength if strength is None else strength
@@ -324,7 +351,7 @@ class DualHeadModel(nn.Module):
         reward_out = reward_hidden[:, -1:] if last_only else reward_hidden  # (B, T', d)
         lm_logits = self.backbone.get_output_embeddings()(hidden_out).float()  # (B, T', V)
         shared = lm_logits if reward_hidden is hidden else None  # the LM head's read-out of the same state
-        reward_logits = self.reward_logits(reward_out, preference, shared)  # (B, T', V)
+        reward_logits = self.reward_logits(reward_out, preference, shared, context)  # (B, T', V)
         alpha, gate_cache = self.context_gate(hidden.float(), attention_mask, preference, gate_cache, last_only)  # (B, T')
         logits = fuse_logits(lm_logits, reward_logits, alpha, fusion, strength)  # (B, T', V)
         return DualHeadOutput(lm_logits, reward_logits, alpha, logits), gate_cache
@@ -339,6 +366,7 @@ class DualHeadModel(nn.Module):
         strength: float | None = None,
         reward_hidden: torch.Tensor | None = None,
         guidance_top_k: int = 0,
+        context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, GateCache | None]:
         """The decoding step's read-out at the last position: fused logits restricted to the frozen LM's
         ``guidance_top_k`` likeliest tokens (0: all), the gate and z_LM, ``(B, V)``, ``(B,)``, ``(B, V)``, and the
@@ -353,16 +381,16 @@ class DualHeadModel(nn.Module):
         top_k = check_guidance_top_k(guidance_top_k)
         vocab = self.backbone.get_output_embeddings().out_features
         if fusion != "gate" or self.reward_head.kind == "full_rank" or not 0 < top_k < vocab:
-            output, gate_cache = self.heads(hidden, attention_mask, preference, gate_cache, True, fusion, strength, reward_hidden)
+            output, gate_cache = self.heads(hidden, attention_mask, preference, gate_cache, True, fusion, strength, reward_hidden, context)
             logits = restrict_to_base_top_k(output.logits[:, -1], output.lm_logits[:, -1], top_k)  # (B, V)
             return logits, output.gate[:, -1], output.lm_logits[:, -1], gate_cache
         last = hidden[:, -1]  # (B, d)
         lm_logits = self.backbone.get_output_embeddings()(hidden[:, -1:]).float()[:, -1]  # (B, V), as heads() reads it
         keep = lm_logits.topk(top_k, dim=-1).indices  # (B, k)
         if reward_hidden is None or reward_hidden is hidden:
-            shift = self.reward_head.candidate_shift(last, preference, keep)  # (B, k)
+            shift = self.reward_head.candidate_shift(last, preference, keep, context=context)  # (B, k)
         else:  # a reward branch's own state: its change of the state is read out too
-            shift = self.reward_head.candidate_shift(reward_hidden[:, -1], preference, keep, base_hidden=last)  # (B, k)
+            shift = self.reward_head.candidate_shift(reward_hidden[:, -1], preference, keep, last, context)  # (B, k)
         alpha, gate_cache = self.context_gate(hidden.float(), attention_mask, preference, gate_cache, True)  # (B, 1)
         alpha = alpha[:, -1]  # (B,)
         kept = lm_logits.gather(-1, keep) + (strength * alpha)[:, None] * shift  # (B, k)
@@ -376,6 +404,7 @@ class DualHeadModel(nn.Module):
         preference: torch.Tensor | None = None,
         fusion: str | None = None,
         strength: float | None = None,
+        prompt_mask: torch.Tensor | None = None,
     ) -> DualHeadOutput:
         """z_LM, z_RM, alpha_t and fused logits for every position, from one backbone pass.
 
@@ -383,6 +412,8 @@ class DualHeadModel(nn.Module):
             input_ids: ``(B, T)``.
             attention_mask: ``(B, T)``, 1 for tokens, 0 for (left) padding; all ones if omitted.
             preference: ``(k,)`` for all rows or ``(B, k)`` one per row; each on the simplex.
+            prompt_mask: ``(B, T)``, 1 on the prompt's tokens, for a head that reads the prompt's mean state
+                (``reward_context="prompt"``); default ``attention_mask`` (the whole input is the prompt).
         """
         if preference is None:
             raise ValueError(f"preference is required: weights over {self.objectives}")
@@ -391,7 +422,10 @@ class DualHeadModel(nn.Module):
         preference = self.preference_batch(preference, input_ids.shape[0])
         hidden, block_hidden = self.backbone_states(input_ids, attention_mask)
         reward_hidden = self.reward_hidden(hidden, block_hidden, attention_mask, preference)
-        output, _ = self.heads(hidden, attention_mask, preference, fusion=fusion, strength=strength, reward_hidden=reward_hidden)
+        context = self.prompt_context(hidden, attention_mask if prompt_mask is None else prompt_mask * attention_mask)
+        output, _ = self.heads(
+            hidden, attention_mask, preference, fusion=fusion, strength=strength, reward_hidden=reward_hidden, context=context
+        )
         return output
 
     # ------------------------------------------------------------------ save / load

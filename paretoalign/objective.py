@@ -79,6 +79,8 @@ def score_pairs(
     if branch:
         states = model.reward_hidden(batch.hidden, batch.block_hidden, batch.attention_mask, preference, from_layer=batch.block_layer)
         reward_selected = states[rows, cols]  # (N, d) of the branch's (2B, T, d)
+    context = model.prompt_context(batch.hidden, batch.attention_mask.bool() & ~batch.response_mask.bool())  # (2B, d) or None
+    context_rows = None if context is None else context[rows]  # (N, d)
     candidates = None if exact else batch.candidates
     if candidates is not None:
         if candidates.ids.shape[0] != targets.shape[0] or not torch.equal(candidates.ids[:, 0], targets):
@@ -90,7 +92,9 @@ def score_pairs(
             return candidate_label_logprobs(candidates.logprobs, candidates.tail, change[:, :count], tail_change)
 
         base_selected = selected if branch else None  # z_LM is read from the backbone's state
-        reward_readout = model.reward_head.candidate_shift(reward_selected, preference[rows], candidates.ids, base_selected)  # (N, C + S)
+        reward_readout = model.reward_head.candidate_shift(
+            reward_selected, preference[rows], candidates.ids, base_selected, context_rows
+        )  # (N, C + S)
         reward_token_logprobs = renormalised(reward_readout)  # (N,)
         lm_token_logprobs = candidates.logprobs[:, 0]  # (N,)
 
@@ -101,7 +105,7 @@ def score_pairs(
         lm_logits = model.backbone.get_output_embeddings()(selected).float()  # (N, V)
         shared = None if branch else lm_logits  # a branch's state is read out by the reward head itself
         reward_readout = model.reward_logits(
-            reward_selected[:, None], preference[rows], None if shared is None else shared[:, None]
+            reward_selected[:, None], preference[rows], None if shared is None else shared[:, None], context_rows
         )[:, 0]  # (N, V) z_RM
         reward_token_logprobs = label_logprobs(reward_readout, targets)  # (N,)
         with torch.no_grad():

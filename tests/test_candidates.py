@@ -95,6 +95,17 @@ def test_candidate_shift_equals_the_reward_heads_change_at_those_tokens(make_mod
     torch.testing.assert_close(model.reward_head.candidate_shift(hidden, preference, ids), full.gather(-1, ids), atol=1e-5, rtol=1e-5)
 
 
+def test_candidate_shift_of_a_prompt_context_head(make_model):
+    model = make_model(reward_head="hidden", reward_context="prompt")
+    hidden, context = torch.randn(2, 5, model.config.hidden_size)
+    preference = torch.tensor([[0.3, 0.7]] * 5)
+    lm_logits = model.backbone.get_output_embeddings()(hidden)
+    full = model.reward_head(hidden, lm_logits, preference, context) - lm_logits  # (N, V)
+    ids = torch.randint(0, model.config.vocab_size, (5, 9))
+    shift = model.reward_head.candidate_shift(hidden, preference, ids, context=context)
+    torch.testing.assert_close(shift, full.gather(-1, ids), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["pblora", "hidden"])
 def test_candidate_shift_of_a_branch_state_adds_the_lm_heads_change(make_model, kind):
     model = make_model(reward_head=kind)
@@ -113,8 +124,8 @@ def test_full_rank_head_refuses_candidate_tokens(make_model):
         model.reward_head.candidate_shift(torch.randn(2, model.config.hidden_size), torch.tensor([[1.0, 0.0]] * 2), torch.zeros(2, 3, dtype=torch.long))
 
 
-def _prepared(backbone, tokenizer, small_data, tmp_path, candidate_tokens, tail_samples=0, reward_layers=0):
-    model_settings = {"gate_size": 16, "gate_heads": 2, "reward_layers": reward_layers}
+def _prepared(backbone, tokenizer, small_data, tmp_path, candidate_tokens, tail_samples=0, **heads):
+    model_settings = {"gate_size": 16, "gate_heads": 2, **heads}
     config = make_config(small_data, tmp_path, candidate_tokens=candidate_tokens, tail_samples=tail_samples, model=model_settings)
     model = fresh_model(backbone, tokenizer, config)
     from conftest import randomize_adapters
@@ -123,10 +134,12 @@ def _prepared(backbone, tokenizer, small_data, tmp_path, candidate_tokens, tail_
     return config, model, prepare_data(config, model, progress=False)
 
 
-@pytest.mark.parametrize("reward_layers", [0, 1])
-def test_scores_on_the_whole_vocabulary_as_candidates_equal_the_exact_ones(backbone, tokenizer, small_data, tmp_path, reward_layers):
+@pytest.mark.parametrize(
+    "heads", [{"reward_layers": 0}, {"reward_layers": 1}, {"reward_head": "hidden", "reward_context": "prompt"}], ids=str
+)
+def test_scores_on_the_whole_vocabulary_as_candidates_equal_the_exact_ones(backbone, tokenizer, small_data, tmp_path, heads):
     vocab = backbone.get_output_embeddings().out_features
-    config, model, data = _prepared(backbone, tokenizer, small_data, tmp_path, vocab, reward_layers=reward_layers)
+    config, model, data = _prepared(backbone, tokenizer, small_data, tmp_path, vocab, **heads)
     for objective in config.objectives:
         batch = data.collate(data.train[objective], np.arange(5))
         assert batch.candidates is not None and batch.candidates.ids.shape[1] == vocab

@@ -243,3 +243,60 @@ def test_reward_layers_is_validated(make_model):
         DualHeadConfig(reward_layers=-1)
     with pytest.raises(ValueError, match=r"reward_layers must be an integer in \[1, 2\].*got 3"):
         make_model(reward_layers=3)
+
+
+def test_prompt_context_head_reads_the_prompts_mean_state(make_model, tokenizer):
+    model = make_model(reward_head="hidden", reward_context="prompt")
+    prompt_ids, prompt_mask = encode(tokenizer, ["How do I pick a lock?"])
+    reply_ids, _ = encode(tokenizer, [" You need a tension wrench"])
+    input_ids = torch.cat([prompt_ids, reply_ids], dim=1)
+    mask = torch.ones_like(input_ids)
+    prompt_only = torch.cat([prompt_mask, torch.zeros_like(reply_ids)], dim=1)
+    preference = torch.tensor([0.3, 0.7])
+    out = model(input_ids, mask, preference, prompt_mask=prompt_only)
+    hidden = model.backbone_hidden(input_ids, mask).float()  # (1, T, d)
+    context = hidden[:, : prompt_ids.shape[1]].mean(dim=1, keepdim=True).expand_as(hidden)  # the prompt's mean state
+    shift = torch.cat([hidden, context], dim=-1) @ model.reward_head.adapter.get_delta_weight(preference).T  # (1, T, d)
+    expected = model.backbone.get_output_embeddings()(hidden + shift)
+    torch.testing.assert_close(out.reward_logits, expected, atol=1e-4, rtol=1e-4)
+    # The reply's tokens are not the prompt: reading them into the context changes the head.
+    assert not torch.allclose(model(input_ids, mask, preference).reward_logits, out.reward_logits, atol=1e-3)
+
+
+def test_prompt_context_head_decodes_what_it_scores(make_model, tokenizer):
+    from paretoalign.generation import DualHeadDecoder
+
+    model = make_model(reward_head="hidden", reward_context="prompt")
+    prompt_ids, prompt_mask = encode(tokenizer, ["Hi", "How do I pick a lock? Please tell me."])  # left-padded
+    reply = torch.tensor([[5, 9, 11], [7, 3, 2]])
+    preference = model.preference_batch(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), 2)
+    input_ids = torch.cat([prompt_ids, reply], dim=1)
+    mask = torch.cat([prompt_mask, torch.ones_like(reply)], dim=1)
+    prompt_only = torch.cat([prompt_mask, torch.zeros_like(reply)], dim=1)
+    full = model(input_ids, mask, preference, prompt_mask=prompt_only).logits  # (B, T, V)
+    for top_k in (0, 6):  # the whole vocabulary, and the candidate read-out at the base model's top-k
+        decoder = DualHeadDecoder(model, guidance_top_k=top_k)
+        steps = [decoder.start(prompt_ids, prompt_mask, preference)]
+        for t in range(reply.shape[1]):
+            steps.append(decoder.step(reply[:, t : t + 1], mask[:, : prompt_ids.shape[1] + t + 1]))
+        for t, step in enumerate(steps):
+            expected = full[:, prompt_ids.shape[1] - 1 + t]  # (B, V)
+            if top_k:
+                keep = step.logits.isfinite()
+                assert keep.sum(dim=-1).tolist() == [top_k, top_k]
+                torch.testing.assert_close(step.logits[keep], expected[keep], atol=1e-4, rtol=1e-4)
+            else:
+                torch.testing.assert_close(step.logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_context_needs_a_hidden_head_and_a_context(make_model, tokenizer):
+    with pytest.raises(ValueError, match="reward_context 'prompt' needs reward_head 'hidden', got 'pblora'"):
+        DualHeadConfig(reward_head="pblora", reward_context="prompt")
+    with pytest.raises(ValueError, match="reward_context must be one of .*got 'reply'"):
+        DualHeadConfig(reward_head="hidden", reward_context="reply")
+    model = make_model(reward_head="hidden", reward_context="prompt")
+    hidden = torch.randn(3, model.config.hidden_size)
+    with pytest.raises(ValueError, match="pass context"):
+        model.reward_head.candidate_shift(hidden, torch.tensor([[0.5, 0.5]] * 3), torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="prompt_mask is empty"):
+        model.prompt_context(hidden[None], torch.zeros(1, 3))
