@@ -1,4 +1,9 @@
-"""Decode throughput (tokens/s): HF ``generate`` vs our loop's plain backbone (``base``) vs Dual-Head, side by side."""
+"""Decode throughput (tokens/s): HF ``generate`` vs our loop's plain backbone (``base``) vs Dual-Head, side by side.
+
+``--compile`` adds both loops with the backbone's step compiled over a static cache (``base_compiled``,
+``dualhead_compiled``; :mod:`paretoalign.static_step`), their ratios to HF ``generate`` and to the plain backbone on
+the same path, and the memory-bandwidth bound of a batch-1 step (measured bandwidth / bytes of weights read per step).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from paretoalign.model import CONFIG_NAME, DualHeadConfig, DualHeadModel  # noqa
 TARGET_RATIO = 0.95  # Dual-Head must keep at least this fraction of the plain backbone's tokens/s
 DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "default"
 METHODS = ("hf_generate", "base", "dualhead")
+COMPILED = ("base_compiled", "dualhead_compiled")
 PREFERENCE = [0.5, 0.5]  # helpfulness, harmlessness (resized to the model's objectives)
 
 # Benign and harmful requests alternate, so every batch mixes both kinds and several prompt lengths.
@@ -116,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let rows stop at EOS (tokens/s then counts the real tokens of each method) instead of forcing max_new_tokens",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="also time base and dualhead with the compiled static-cache step"
+    )
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON object")
     parser.add_argument(
         "--profile", action="store_true", help="after timing, print torch.profiler op tables for base vs dualhead"
@@ -194,7 +203,9 @@ def run_hf(model: DualHeadModel, prompts, preference, args) -> tuple[int, list[l
 
 def run_loop(model: DualHeadModel, prompts, preference, method: str, args) -> tuple[int, list[list[int]]]:
     """Our decoding loop (``generate``) with ``method``; returns (real tokens, token ids per row)."""
-    decoder = make_decoder(model, method)
+    compiled = method.endswith("_compiled")
+    method = method.removesuffix("_compiled")
+    decoder = make_decoder(model, method, compile=compiled, max_new_tokens=args.max_new_tokens if compiled else None)
     if not args.allow_eos:
         decoder = SuppressEOS(decoder, eos_token_ids(model.tokenizer, model.backbone))
     results = generate(model, prompts, preference, decoder=decoder, max_new_tokens=args.max_new_tokens, temperature=0, seed=0)
@@ -214,23 +225,24 @@ def run_method(model, prompts, preference, method: str, args):
 
 @torch.no_grad()
 def bench_batch_size(model: DualHeadModel, batch_size: int, args) -> dict:
+    methods = METHODS + (COMPILED if args.compile else ())
     preference = preference_for(model)
     batches = batches_for(batch_size, args.prompts)
-    for method in METHODS:  # one warm-up run per configuration
+    for method in methods:  # one warm-up run per configuration
         run_method(model, batches[0], preference, method, args)
 
-    per_repeat = {m: [] for m in METHODS}  # tokens/s of each repeat
-    token_counts = {m: 0 for m in METHODS}
-    outputs = {m: [] for m in METHODS}
+    per_repeat = {m: [] for m in methods}  # tokens/s of each repeat
+    token_counts = {m: 0 for m in methods}
+    outputs = {m: [] for m in methods}
     pairs = {"dualhead/base": [], "dualhead/hf": []}  # tok/s ratios of back-to-back runs on the same batch
     for repeat in range(args.repeats):
-        elapsed = {m: 0.0 for m in METHODS}
-        tokens = {m: 0 for m in METHODS}
+        elapsed = {m: 0.0 for m in methods}
+        tokens = {m: 0 for m in methods}
         for index, prompts in enumerate(batches):
             rate = {}
             # Interleave methods batch by batch and rotate their order, so drift hits all of them alike.
-            shift = (repeat + index) % len(METHODS)
-            for method in METHODS[shift:] + METHODS[:shift]:
+            shift = (repeat + index) % len(methods)
+            for method in methods[shift:] + methods[:shift]:
                 start = time.perf_counter()
                 count, ids = run_method(model, prompts, preference, method, args)
                 seconds = time.perf_counter() - start
@@ -241,11 +253,11 @@ def bench_batch_size(model: DualHeadModel, batch_size: int, args) -> dict:
                     outputs[method].extend(ids)
             pairs["dualhead/base"].append(rate["dualhead"] / rate["base"])
             pairs["dualhead/hf"].append(rate["dualhead"] / rate["hf_generate"])
-        for method in METHODS:
+        for method in methods:
             per_repeat[method].append(tokens[method] / elapsed[method])
             token_counts[method] = tokens[method]
 
-    median = {m: statistics.median(per_repeat[m]) for m in METHODS}
+    median = {m: statistics.median(per_repeat[m]) for m in methods}
     expected = len(batches) * batch_size * args.max_new_tokens
     return {
         "batch_size": batch_size,
@@ -262,6 +274,18 @@ def bench_batch_size(model: DualHeadModel, batch_size: int, args) -> dict:
         "num_pairs": len(pairs["dualhead/base"]),
         "same_tokens_base_vs_hf": outputs["base"] == outputs["hf_generate"],
         "same_tokens_dualhead_vs_base": outputs["dualhead"] == outputs["base"],
+        **(
+            {
+                "compiled_dualhead_over_hf": median["dualhead_compiled"] / median["hf_generate"],
+                "compiled_base_over_hf": median["base_compiled"] / median["hf_generate"],
+                "compiled_dualhead_over_compiled_base": median["dualhead_compiled"] / median["base_compiled"],
+                "same_tokens_compiled_vs_eager": {
+                    m: outputs[f"{m}_compiled"] == outputs[m] for m in ("base", "dualhead")
+                },
+            }
+            if args.compile
+            else {}
+        ),
     }
 
 
@@ -316,6 +340,19 @@ def print_table(results: list[dict], args) -> None:
             f"target: dualhead >= {TARGET_RATIO:.2f}x base tok/s at every batch size ({label}) "
             f"-> {verdict} (worst {worst:.3f}x)"
         )
+    if args.compile:
+        bound = args.bound_tok_s
+        print(f"compiled static-cache step (batch-1 bandwidth bound {bound:.1f} tok/s = {args.bandwidth_gb_s:.1f} GB/s / weights read per step):")
+        for r in results:
+            tps = r["tokens_per_s"]
+            print(
+                f"  batch {r['batch_size']}: base_compiled {tps['base_compiled']:.1f} tok/s, dualhead_compiled "
+                f"{tps['dualhead_compiled']:.1f} tok/s; dualhead_compiled/hf {r['compiled_dualhead_over_hf']:.3f}x, "
+                f"base_compiled/hf {r['compiled_base_over_hf']:.3f}x, dualhead_compiled/base_compiled "
+                f"{r['compiled_dualhead_over_compiled_base']:.3f}x"
+                + (f", dualhead_compiled / bound {tps['dualhead_compiled'] / bound:.3f}" if r["batch_size"] == 1 else "")
+                + f"; same greedy tokens as eager: {r['same_tokens_compiled_vs_eager']}"
+            )
     for r in results:
         counts = r["tokens_per_run"]
         if args.allow_eos or any(c != r["tokens_expected"] for c in counts.values()):
@@ -346,6 +383,11 @@ def main(argv: list[str] | None = None) -> None:
         + ("rows may stop at EOS" if args.allow_eos else "EOS suppressed: every row decodes exactly max_new_tokens")
     )
 
+    if args.compile:
+        from decode_dtype import memory_bandwidth, weight_bytes
+
+        bandwidth = memory_bandwidth()
+        args.bandwidth_gb_s, args.bound_tok_s = bandwidth / 1e9, bandwidth / weight_bytes(model)
     results = []
     for batch_size in args.batch_sizes:
         start = time.perf_counter()
@@ -353,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
         tps = result["tokens_per_s"]
         print(
             f"  batch {batch_size}: done in {time.perf_counter() - start:.1f}s; repeats tok/s "
-            + ", ".join(f"{m}={[round(v, 1) for v in result['tokens_per_s_repeats'][m]]}" for m in METHODS)
+            + ", ".join(f"{m}={[round(v, 1) for v in values]}" for m, values in result["tokens_per_s_repeats"].items())
             + f"; median dualhead/base={tps['dualhead'] / tps['base']:.3f}x",
             flush=True,
         )

@@ -40,6 +40,10 @@ def _add_generate(subparsers) -> None:
         "--dtype", default="auto", choices=["auto", *DTYPES],
         help="backbone precision (auto: bf16 on a GPU, fp32 on a CPU; bfloat16 is faster on CPUs with bf16 instructions)",
     )
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="dualhead and base: run the backbone's step compiled over a static cache (about a minute to compile; pays for long answers)",
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="let transformers run the backbone's own code")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON object: text, preference, tokens, gate")
@@ -62,6 +66,7 @@ def run_generate(args: argparse.Namespace) -> int:
     options = dict(
         method=args.method, fusion=args.fusion, strength=args.strength, guidance_top_k=args.guidance_top_k, system_prompt=args.system_prompt,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        compile=args.compile,
     )
     if args.stream:
         printed = ""

@@ -19,6 +19,7 @@ from transformers.generation.logits_process import LogitsProcessorList, TopKLogi
 from .backbone import cache_kwargs
 from .heads import GateCache
 from .model import DualHeadModel, check_guidance_top_k, position_ids_from_mask
+from .static_step import StaticBackbone
 
 Message = dict[str, str]
 Prompt = str | Sequence[Message]
@@ -41,12 +42,31 @@ class Decoder(Protocol):
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> StepOutput: ...
 
 
-class BaseDecoder:
-    """The frozen backbone alone (plain decoding); the preference is ignored."""
+def static_backbone(backbone: PreTrainedModel, compile: bool, max_new_tokens: int | None) -> StaticBackbone | None:
+    """The compiled static-cache step for a decoder asked to ``compile`` (``None`` otherwise)."""
+    if not compile:
+        return None
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"a compiled decoder needs max_new_tokens (a positive integer) to size its cache, got {max_new_tokens!r}")
+    return StaticBackbone(backbone, compile=True)
 
-    def __init__(self, backbone: PreTrainedModel):
+
+class BaseDecoder:
+    """The frozen backbone alone (plain decoding); the preference is ignored.
+
+    ``compile``: run the one-token step compiled over a static cache sized for ``max_new_tokens``
+    (:mod:`paretoalign.static_step`).
+    """
+
+    def __init__(self, backbone: PreTrainedModel, compile: bool = False, max_new_tokens: int | None = None):
         self.backbone = backbone
         self.cache: DynamicCache | None = None
+        self.static, self.max_new_tokens = static_backbone(backbone, compile, max_new_tokens), max_new_tokens
+
+    def _read_out(self, hidden: torch.Tensor) -> StepOutput:
+        lm_head = self.backbone.get_output_embeddings()
+        logits = lm_head(hidden[:, -1]).float()  # (B, V)
+        return StepOutput(logits, base_logits=logits)
 
     def _scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> StepOutput:
         out = self.backbone(
@@ -61,20 +81,37 @@ class BaseDecoder:
         return StepOutput(logits, base_logits=logits)
 
     def start(self, input_ids, attention_mask, preference) -> StepOutput:
+        if self.static is not None:
+            return self._read_out(self.static.start(input_ids, attention_mask, self.max_new_tokens))
         self.cache = DynamicCache(config=self.backbone.config)
         return self._scores(input_ids, attention_mask)
 
     def step(self, tokens, attention_mask) -> StepOutput:
+        if self.static is not None:
+            return self._read_out(self.static.step(tokens, attention_mask))
         return self._scores(tokens, attention_mask)
 
 
 class DualHeadDecoder:
-    """Dual-Head fusion: one backbone pass per token, the gate attending over its own key/value cache."""
+    """Dual-Head fusion: one backbone pass per token, the gate attending over its own key/value cache.
+
+    ``compile``: the backbone's one-token step runs compiled over a static cache sized for ``max_new_tokens``
+    (:mod:`paretoalign.static_step`); the heads stay eager.
+    """
 
     def __init__(
-        self, model: DualHeadModel, fusion: str | None = None, strength: float | None = None, guidance_top_k: int | None = None
+        self,
+        model: DualHeadModel,
+        fusion: str | None = None,
+        strength: float | None = None,
+        guidance_top_k: int | None = None,
+        compile: bool = False,
+        max_new_tokens: int | None = None,
     ):
+        if compile and model.reward_branch is not None:
+            raise ValueError("compile does not cover a reward branch (reward_layers > 0); decode it with compile=False")
         self.model, self.fusion, self.strength = model, fusion, strength
+        self.static, self.max_new_tokens = static_backbone(model.backbone, compile, max_new_tokens), max_new_tokens
         self.guidance_top_k = check_guidance_top_k(model.config.guidance_top_k if guidance_top_k is None else guidance_top_k)
         self.cache: DynamicCache | None = None
         self.branch_cache: DynamicCache | None = None  # the reward branch's blocks (reward_layers > 0)
@@ -84,7 +121,12 @@ class DualHeadDecoder:
 
     def _scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt: bool = False) -> StepOutput:
         model = self.model
-        hidden, block_hidden = model.backbone_states(input_ids, attention_mask, self.cache)  # (B, T, d) each
+        if self.static is None:
+            hidden, block_hidden = model.backbone_states(input_ids, attention_mask, self.cache)  # (B, T, d) each
+        elif prompt:
+            hidden, block_hidden = self.static.start(input_ids, attention_mask, self.max_new_tokens), None  # (B, P, d)
+        else:
+            hidden, block_hidden = self.static.step(input_ids, attention_mask), None  # (B, 1, d)
         if prompt:
             self.context = model.prompt_context(hidden, attention_mask)  # (B, d) or None
         reward_hidden = model.reward_hidden(hidden, block_hidden, attention_mask, self.preference, self.branch_cache)  # (B, T, d)
@@ -337,20 +379,31 @@ def prepare_batch(model: DualHeadModel, prompts, preference, chat: bool = True, 
 
 
 def make_decoder(
-    model: DualHeadModel, method: str = "dualhead", fusion: str | None = None, strength: float | None = None, guidance_top_k: int | None = None
+    model: DualHeadModel,
+    method: str = "dualhead",
+    fusion: str | None = None,
+    strength: float | None = None,
+    guidance_top_k: int | None = None,
+    compile: bool = False,
+    max_new_tokens: int | None = None,
 ) -> Decoder:
     """The decoder for ``method``, any name of the registry in :mod:`paretoalign.methods` (``dualhead``, ``base``,
-    ``genarm``, ``parm``, ``args``, ...); an unknown name raises ``ValueError`` listing the registered ones."""
+    ``genarm``, ``parm``, ``args``, ...); an unknown name raises ``ValueError`` listing the registered ones.
+    ``compile`` (``dualhead`` and ``base``): a compiled static-cache step sized for ``max_new_tokens``."""
     from .methods import build_decoder  # the registry imports this module
 
-    return build_decoder(method, model, fusion=fusion, strength=strength, guidance_top_k=guidance_top_k)
+    if compile and method not in ("dualhead", "base"):
+        raise ValueError(f"compile covers the 'dualhead' and 'base' methods, got method {method!r}")
+    options = {"compile": compile, "max_new_tokens": max_new_tokens} if compile else {}
+    return build_decoder(method, model, fusion=fusion, strength=strength, guidance_top_k=guidance_top_k, **options)
 
 
 def _runs(model, prompts, preference, method, fusion, strength, guidance_top_k, chat, system_prompt, decoder, sampling) -> Iterator[GenerationRun]:
+    compile = bool(sampling.pop("compile", False))
     sampling_config = SamplingConfig(**sampling)
     texts, input_ids, attention_mask, preference = prepare_batch(model, prompts, preference, chat, system_prompt)
     eos_ids = eos_token_ids(model.tokenizer, model.backbone)
-    decoder = decoder or make_decoder(model, method, fusion, strength, guidance_top_k)
+    decoder = decoder or make_decoder(model, method, fusion, strength, guidance_top_k, compile, sampling_config.max_new_tokens)
     run = GenerationRun(model.tokenizer, texts, preference, eos_ids)
     model.eval()
     for step in decode_steps(decoder, input_ids, attention_mask, preference, sampling_config, eos_ids, model.tokenizer.pad_token_id):
@@ -402,7 +455,8 @@ def generate(
         fusion, strength, guidance_top_k: override the model's defaults (``gate``/``genarm``; steering strength; steer
             within the base model's top-k tokens, 0: all).
         sampling: ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``seed`` (an int,
-            or one per row); see :class:`SamplingConfig`.
+            or one per row); see :class:`SamplingConfig`. ``compile=True`` (``dualhead`` and ``base``) runs the
+            backbone's step compiled over a static cache: about a minute to compile, then faster per token.
     """
     run = None
     for run in _runs(model, prompts, preference, method, fusion, strength, guidance_top_k, chat, system_prompt, decoder, sampling):

@@ -90,12 +90,20 @@ def trainable_parameters(decoder: Decoder) -> int:
     return sum(seen.values())
 
 
-def _dualhead(model, strength: float | None = None, fusion: str | None = None, guidance_top_k: int | None = None, **options) -> Decoder:
-    return DualHeadDecoder(model, fusion, strength, guidance_top_k)
+def _dualhead(
+    model,
+    strength: float | None = None,
+    fusion: str | None = None,
+    guidance_top_k: int | None = None,
+    compile: bool = False,
+    max_new_tokens: int | None = None,
+    **options,
+) -> Decoder:
+    return DualHeadDecoder(model, fusion, strength, guidance_top_k, compile, max_new_tokens)
 
 
-def _base(model, **options) -> Decoder:
-    return BaseDecoder(model.backbone)
+def _base(model, compile: bool = False, max_new_tokens: int | None = None, **options) -> Decoder:
+    return BaseDecoder(model.backbone, compile, max_new_tokens)
 
 
 register_method("dualhead", _dualhead, description="Dual-Head fusion: the frozen backbone's logits steered by the preference-aware heads")

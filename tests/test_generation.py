@@ -196,3 +196,50 @@ def test_a_bf16_backbone_decodes_with_fp32_heads_and_follows_the_fp32_answers(ba
     assert parse_dtype("bfloat16") is torch.bfloat16 and parse_dtype("auto") is None
     with pytest.raises(ValueError, match="dtype must be one of .*got 'bf16'"):
         SweepConfig(prompts="p.jsonl", out=str(tmp_path / "s"), dtype="bf16")
+
+
+def test_static_cache_states_equal_the_dynamic_cache_ones(make_model, tokenizer):
+    from paretoalign.static_step import StaticBackbone
+
+    model = make_model()
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    static = StaticBackbone(model.backbone, compile=False)
+    torch.testing.assert_close(static.start(ids, mask, 4), model.backbone_hidden(ids, mask), atol=1e-5, rtol=1e-5)
+    tokens = torch.tensor([[5], [7], [9]])
+    for _ in range(4):
+        ids, mask = torch.cat([ids, tokens], dim=1), torch.cat([mask, torch.ones_like(tokens)], dim=1)
+        full = model.backbone_hidden(ids, mask)[:, -1:]  # (B, 1, d): the whole sequence again, no cache
+        torch.testing.assert_close(static.step(tokens, mask), full, atol=1e-5, rtol=1e-5)
+        tokens = tokens + 1
+    assert static.mask.shape[1] % 128 == 0  # cache lengths come in buckets, so similar prompts share a compile
+
+
+@pytest.mark.parametrize("method", ["dualhead", "base"])
+def test_compiled_decoding_writes_the_same_answers(make_model, method):
+    model = make_model(reward_head="hidden", guidance_top_k=5)
+    preferences = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.2, 0.8]])
+    eager = generate(model, PROMPTS, preferences, method=method, max_new_tokens=10, temperature=0)
+    compiled = generate(model, PROMPTS, preferences, method=method, max_new_tokens=10, temperature=0, compile=True)
+    assert [g.token_ids for g in compiled] == [g.token_ids for g in eager]
+    if method == "dualhead":
+        torch.testing.assert_close(torch.tensor(compiled[1].gate), torch.tensor(eager[1].gate), rtol=1e-4, atol=1e-5)
+
+
+def test_compile_settings_are_checked(make_model):
+    from paretoalign.generation import BaseDecoder, make_decoder
+    from paretoalign.static_step import StaticBackbone
+
+    model = make_model()
+    with pytest.raises(ValueError, match="compile covers the 'dualhead' and 'base' methods, got method 'args'"):
+        make_decoder(model, "args", compile=True, max_new_tokens=4)
+    with pytest.raises(ValueError, match="needs max_new_tokens .* got None"):
+        BaseDecoder(model.backbone, compile=True)
+    with pytest.raises(ValueError, match="reward branch"):
+        make_decoder(make_model(reward_layers=1), "dualhead", compile=True, max_new_tokens=4)
+    static = StaticBackbone(model.backbone, compile=False)
+    ids = torch.ones(1, 127, dtype=torch.long)
+    static.start(ids, torch.ones_like(ids), 1)  # 128 slots: the prompt and one new token
+    static.step(torch.ones(1, 1, dtype=torch.long), torch.ones(1, 128, dtype=torch.long))
+    with pytest.raises(ValueError, match="static cache holds 128 tokens"):
+        static.step(torch.ones(1, 1, dtype=torch.long), torch.ones(1, 129, dtype=torch.long))

@@ -9,7 +9,7 @@ import paretoalign
 LAYERS = [
     {"files", "preference", "data"},
     {"backbone"},
-    {"pblora", "blocks", "heads", "model"},
+    {"pblora", "blocks", "heads", "model", "static_step"},
     {"features", "candidates", "batches", "losses"},
     {"objective", "teachers", "loop", "train", "export"},
     {"scorers"},

@@ -203,6 +203,10 @@ class SweepConfig:
     dtype: str = field(
         default="auto", metadata={"help": "backbone precision: auto (bf16 on a GPU, fp32 on a CPU), float32, bfloat16 or float16"}
     )
+    compile: bool = field(
+        default=False,
+        metadata={"help": "dualhead and base: the backbone's step compiled over a static cache (about a minute to compile once)"},
+    )
 
     def __post_init__(self):
         from ..generation import SamplingConfig
@@ -533,7 +537,10 @@ def _run_method(name: str, todo: list[_Job], config: SweepConfig, model, scorer,
     objectives = list(model.objectives)
     columns = _score_columns(scorer, objectives)
     uniform = [1.0 / len(objectives)] * len(objectives)  # what a method that ignores the preference is handed
-    decoder = build_decoder(name, model, strength=config.strength, fusion=config.fusion, guidance_top_k=config.guidance_top_k)
+    compiled = {"compile": True, "max_new_tokens": config.max_new_tokens} if config.compile and name in ("dualhead", "base") else {}
+    decoder = build_decoder(
+        name, model, strength=config.strength, fusion=config.fusion, guidance_top_k=config.guidance_top_k, **compiled
+    )
     counter = ModelPassCounter(decoder)
     memory = PeakMemory(model.device).start()
     written = 0
