@@ -367,7 +367,7 @@ def run_train_arm(args: argparse.Namespace) -> int:
             raise ValueError("--layers and --objective apply to genarm and parm only")
         out = Path(args.out) if args.out else default_checkpoint(args.method)
         # The Dual-Head's own training settings, with the preference-unaware reward head; the run lives in out/run.
-        overrides = {"output_dir": str(out / "run"), "objectives": objectives, "model": {"reward_head": "lora"}, **common}
+        overrides = {"output_dir": str(out / "run"), "objectives": objectives, "model": {"reward_head": "lora", "reward_context": "none"}, **common}
         config = TrainConfig.from_json(DEFAULT_TRAIN_CONFIG, **overrides)
         train_unconditioned(config, out, progress=not args.no_progress)
         print(f"saved the unconditioned Dual-Head heads to {out}")

@@ -171,10 +171,11 @@ def test_train_options_come_from_the_config_fields_and_override_only_what_is_typ
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"extends": str(Path(__file__).resolve().parents[1] / "configs" / "default.json"), "steps": 7, "learning_rate": 0.5}))
     argv = ["train", "--config", str(config), "--output-dir", str(tmp_path / "run"), "--no-progress"]
-    assert main([*argv, "--steps", "3", "--no-include-pku", "--onpolicy", "a", "b", "--reward-layers", "2"]) == 0
+    folders = [f"data/onpolicy/{name}" for name in ("harmful", "benign", "harmful-declines", "benign-declines", "extra")]
+    assert main([*argv, "--steps", "3", "--no-include-pku", "--onpolicy", *folders, "--reward-layers", "2"]) == 0
     assert main([*argv, "--candidate_tokens", "0"]) == 0
     typed, untyped = seen
-    assert (typed.steps, typed.learning_rate, typed.include_pku, typed.onpolicy) == (3, 0.5, False, ["a", "b"])
+    assert (typed.steps, typed.learning_rate, typed.include_pku, typed.onpolicy) == (3, 0.5, False, folders)
     assert typed.model["reward_layers"] == 2 and typed.model["reward_head"] == "hidden"  # merged into the file's model settings
     assert (untyped.steps, untyped.include_pku, untyped.candidate_tokens, untyped.output_dir) == (7, True, None, str(tmp_path / "run"))
     assert untyped.onpolicy == train_module.TrainConfig.from_json(config).onpolicy  # the file's value, not a default
@@ -182,3 +183,6 @@ def test_train_options_come_from_the_config_fields_and_override_only_what_is_typ
         with pytest.raises(SystemExit) as exit_info:
             main([*argv, *extra])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # the default recipe's rules name folders the override drops
+        main([*argv, "--onpolicy", "a", "b"])
+    assert exit_info.value.code == 2 and "onpolicy_rules[1] prefer and over must be folders of onpolicy" in capsys.readouterr().err

@@ -72,8 +72,9 @@ class UnconditionedDualHeadModel(DualHeadModel):
 
 
 def unconditioned_model(backbone, tokenizer, config) -> UnconditionedDualHeadModel:
-    """Fresh unconditioned heads for ``backbone`` from a :class:`~paretoalign.model.DualHeadConfig` (reward head: ``lora``)."""
-    config.reward_head = "lora"
+    """Fresh unconditioned heads for ``backbone`` from a :class:`~paretoalign.model.DualHeadConfig` (reward head: ``lora``,
+    which reads each position's state only: no prompt context)."""
+    config.reward_head, config.reward_context = "lora", "none"
     return UnconditionedDualHeadModel(backbone, tokenizer, config)
 
 
