@@ -182,7 +182,7 @@ tokens.
 ## Training
 
 `paretoalign train --config configs/default.json` — {_preference_step(config)}
-L_LM(fused logits, chosen replies{"" if config.get("lm_loss_trains_reward_head", True) else "; it trains the gate only, not the reward head"}) + {config['lambda_r']} · Σ_i w_i L_pref,i − {config['lambda_g']} · E_t[H(α_t)], with
+{_gate_terms(config)} + {config['lambda_r']} · Σ_i w_i L_pref,i − {config['lambda_g']} · E_t[H(α_t)], with
 L_pref = −log σ(β_r (R(chosen) − R(rejected))), β_r = {config['beta_r']}.
 AdamW (β = {tuple(config['adam_betas'])}, lr {config['learning_rate']}, weight decay {config['weight_decay']}), cosine decay
 after {config['warmup_steps']} warm-up steps, {config['steps']} steps, gradient clipping at {config['max_grad_norm']}.
@@ -209,6 +209,14 @@ scorer rewards, fluency) is measured in `docs/steering.md`. Scores from this hea
 reward model.
 """
     return card
+
+
+def _gate_terms(config: dict) -> str:
+    """The loss terms that train the gate, as the run's ``gate_objective`` chose them."""
+    objective = config.get("gate_objective", "lm")
+    lm = "L_LM(fused logits, chosen replies" + ("" if config.get("lm_loss_trains_reward_head", True) else "; it trains the gate only, not the reward head") + ")"
+    gain = "Σ_i w_i L_gate,i (the Bradley–Terry loss on the fused model's gain over the frozen LM, chosen minus rejected: it trains the gate only)"
+    return {"lm": lm, "preference": gain, "both": f"{lm} + {gain}"}[objective]
 
 
 def export_run(run_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, progress: bool = True, max_pairs: int | None = None) -> dict:
