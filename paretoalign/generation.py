@@ -42,13 +42,7 @@ class Decoder(Protocol):
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> StepOutput: ...
 
 
-def static_backbone(backbone: PreTrainedModel, compile: bool, max_new_tokens: int | None) -> StaticBackbone | None:
-    """The compiled static-cache step for a decoder asked to ``compile`` (``None`` otherwise)."""
-    if not compile:
-        return None
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"a compiled decoder needs max_new_tokens (a positive integer) to size its cache, got {max_new_tokens!r}")
-    return StaticBackbone(backbone, compile=True)
+COMPILED_METHODS = ("dualhead", "base")  # the methods whose decoders take compile=True
 
 
 class BaseDecoder:
@@ -61,7 +55,7 @@ class BaseDecoder:
     def __init__(self, backbone: PreTrainedModel, compile: bool = False, max_new_tokens: int | None = None):
         self.backbone = backbone
         self.cache: DynamicCache | None = None
-        self.static, self.max_new_tokens = static_backbone(backbone, compile, max_new_tokens), max_new_tokens
+        self.static = StaticBackbone(backbone, max_new_tokens) if compile else None
 
     def _read_out(self, hidden: torch.Tensor) -> StepOutput:
         lm_head = self.backbone.get_output_embeddings()
@@ -82,7 +76,7 @@ class BaseDecoder:
 
     def start(self, input_ids, attention_mask, preference) -> StepOutput:
         if self.static is not None:
-            return self._read_out(self.static.start(input_ids, attention_mask, self.max_new_tokens))
+            return self._read_out(self.static.start(input_ids, attention_mask))
         self.cache = DynamicCache(config=self.backbone.config)
         return self._scores(input_ids, attention_mask)
 
@@ -111,7 +105,7 @@ class DualHeadDecoder:
         if compile and model.reward_branch is not None:
             raise ValueError("compile does not cover a reward branch (reward_layers > 0); decode it with compile=False")
         self.model, self.fusion, self.strength = model, fusion, strength
-        self.static, self.max_new_tokens = static_backbone(model.backbone, compile, max_new_tokens), max_new_tokens
+        self.static = StaticBackbone(model.backbone, max_new_tokens) if compile else None
         self.guidance_top_k = check_guidance_top_k(model.config.guidance_top_k if guidance_top_k is None else guidance_top_k)
         self.cache: DynamicCache | None = None
         self.branch_cache: DynamicCache | None = None  # the reward branch's blocks (reward_layers > 0)
@@ -124,7 +118,7 @@ class DualHeadDecoder:
         if self.static is None:
             hidden, block_hidden = model.backbone_states(input_ids, attention_mask, self.cache)  # (B, T, d) each
         elif prompt:
-            hidden, block_hidden = self.static.start(input_ids, attention_mask, self.max_new_tokens), None  # (B, P, d)
+            hidden, block_hidden = self.static.start(input_ids, attention_mask), None  # (B, P, d)
         else:
             hidden, block_hidden = self.static.step(input_ids, attention_mask), None  # (B, 1, d)
         if prompt:
@@ -392,8 +386,8 @@ def make_decoder(
     ``compile`` (``dualhead`` and ``base``): a compiled static-cache step sized for ``max_new_tokens``."""
     from .methods import build_decoder  # the registry imports this module
 
-    if compile and method not in ("dualhead", "base"):
-        raise ValueError(f"compile covers the 'dualhead' and 'base' methods, got method {method!r}")
+    if compile and method not in COMPILED_METHODS:
+        raise ValueError(f"compile covers the {' and '.join(map(repr, COMPILED_METHODS))} methods, got method {method!r}")
     options = {"compile": compile, "max_new_tokens": max_new_tokens} if compile else {}
     return build_decoder(method, model, fusion=fusion, strength=strength, guidance_top_k=guidance_top_k, **options)
 

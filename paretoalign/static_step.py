@@ -12,6 +12,8 @@ it is off unless asked for (``compile=True`` in :func:`~paretoalign.generation.g
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers import PreTrainedModel, StaticCache
 
@@ -21,7 +23,8 @@ from .blocks import position_ids_from_mask
 LENGTH_BUCKET = 128  # cache lengths are rounded up to a multiple of this, so prompts of similar length share a compile
 COMPILE_OPTIONS = {"cpp_wrapper": True, "freezing": True}  # inductor: less Python per step, weights folded as constants
 
-_compiled_steps: dict[int, object] = {}  # one compiled step per backbone (torch.compile re-specialises per shape)
+# One compiled step per backbone (torch.compile re-specialises it per shape); weak keys: an entry goes with its backbone.
+_compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _make_step(backbone: PreTrainedModel):
@@ -46,34 +49,33 @@ def _make_step(backbone: PreTrainedModel):
 
 def compiled_step(backbone: PreTrainedModel):
     """The compiled one-token step for ``backbone`` (built once per backbone and process)."""
-    key = id(backbone)
-    if key not in _compiled_steps:
-        _compiled_steps[key] = torch.compile(_make_step(backbone), dynamic=False, options=COMPILE_OPTIONS)
-    return _compiled_steps[key]
+    if backbone not in _compiled_steps:
+        _compiled_steps[backbone] = torch.compile(_make_step(backbone), dynamic=False, options=COMPILE_OPTIONS)
+    return _compiled_steps[backbone]
 
 
 class StaticBackbone:
     """Final hidden states of a frozen backbone while decoding, over a :class:`~transformers.StaticCache`.
 
-    ``start`` runs the (left-padded) prompt eagerly and allocates the cache for ``max_new_tokens`` more tokens;
+    ``start`` runs the (left-padded) prompt eagerly and allocates the cache for it and ``max_new_tokens`` more tokens;
     ``step`` runs one new token per row, compiled when ``compile`` is true. The states equal those of the
     dynamic-cache path (:func:`paretoalign.model.backbone_hidden`) up to floating-point reassociation.
     """
 
-    def __init__(self, backbone: PreTrainedModel, compile: bool = True):
-        self.backbone, self.compile = backbone, compile
+    def __init__(self, backbone: PreTrainedModel, max_new_tokens: int, compile: bool = True):
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"a compiled decoder needs max_new_tokens (a positive integer) to size its cache, got {max_new_tokens!r}")
+        self.backbone, self.max_new_tokens, self.compile = backbone, max_new_tokens, compile
         self.cache: StaticCache | None = None
         self.mask: torch.Tensor | None = None  # (B, L) over the whole cache: 1 on real tokens, 0 on padding and unused slots
         self.positions: torch.Tensor | None = None  # (B, 1) the next token's position id per row
         self.length = 0  # slots filled
         self._eager = _make_step(backbone)
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The prompt's final hidden states ``(B, P, d)``; room is made for ``max_new_tokens`` more tokens."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         batch, prompt = input_ids.shape
-        capacity = -(-(prompt + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
+        capacity = -(-(prompt + self.max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
         config = self.backbone.config
         if self.cache is not None and self.cache.max_cache_len == capacity and self.mask.shape[0] == batch:
             self.cache.reset()  # the same object: the compiled step's guards hold

@@ -204,8 +204,8 @@ def test_static_cache_states_equal_the_dynamic_cache_ones(make_model, tokenizer)
     model = make_model()
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    static = StaticBackbone(model.backbone, compile=False)
-    torch.testing.assert_close(static.start(ids, mask, 4), model.backbone_hidden(ids, mask), atol=1e-5, rtol=1e-5)
+    static = StaticBackbone(model.backbone, 4, compile=False)
+    torch.testing.assert_close(static.start(ids, mask), model.backbone_hidden(ids, mask), atol=1e-5, rtol=1e-5)
     tokens = torch.tensor([[5], [7], [9]])
     for _ in range(4):
         ids, mask = torch.cat([ids, tokens], dim=1), torch.cat([mask, torch.ones_like(tokens)], dim=1)
@@ -237,9 +237,9 @@ def test_compile_settings_are_checked(make_model):
         BaseDecoder(model.backbone, compile=True)
     with pytest.raises(ValueError, match="reward branch"):
         make_decoder(make_model(reward_layers=1), "dualhead", compile=True, max_new_tokens=4)
-    static = StaticBackbone(model.backbone, compile=False)
+    static = StaticBackbone(model.backbone, 1, compile=False)
     ids = torch.ones(1, 127, dtype=torch.long)
-    static.start(ids, torch.ones_like(ids), 1)  # 128 slots: the prompt and one new token
+    static.start(ids, torch.ones_like(ids))  # 128 slots: the prompt and one new token
     static.step(torch.ones(1, 1, dtype=torch.long), torch.ones(1, 128, dtype=torch.long))
     with pytest.raises(ValueError, match="static cache holds 128 tokens"):
         static.step(torch.ones(1, 1, dtype=torch.long), torch.ones(1, 129, dtype=torch.long))

@@ -46,7 +46,7 @@ import torch
 
 from ..files import append_rows, atomic_write, read_json_object, read_results
 from ..generation import check_prompt
-from ..methods import build_decoder, get_method, parse_methods, trainable_parameters
+from ..methods import get_method, parse_methods, trainable_parameters
 from ..preference import simplex_grid
 
 logger = logging.getLogger(__name__)
@@ -532,15 +532,13 @@ def _settings(config: SweepConfig, model, scorer, scorer_loaded: bool, prompts: 
 
 def _run_method(name: str, todo: list[_Job], config: SweepConfig, model, scorer, directory: Path, bar, after_batch) -> int:
     """Generate, score and append every pending row of one method; log its measurements to ``methods.jsonl``."""
-    from ..generation import generate
+    from ..generation import COMPILED_METHODS, generate, make_decoder
 
     objectives = list(model.objectives)
     columns = _score_columns(scorer, objectives)
     uniform = [1.0 / len(objectives)] * len(objectives)  # what a method that ignores the preference is handed
-    compiled = {"compile": True, "max_new_tokens": config.max_new_tokens} if config.compile and name in ("dualhead", "base") else {}
-    decoder = build_decoder(
-        name, model, strength=config.strength, fusion=config.fusion, guidance_top_k=config.guidance_top_k, **compiled
-    )
+    compile = config.compile and name in COMPILED_METHODS
+    decoder = make_decoder(model, name, config.fusion, config.strength, config.guidance_top_k, compile, config.max_new_tokens)
     counter = ModelPassCounter(decoder)
     memory = PeakMemory(model.device).start()
     written = 0
