@@ -13,7 +13,8 @@ from .blocks import add_attention_pblora, bind_preference, decoder_stack, run_bl
 from .pblora import PBLoRAConfig, PBLoRALinear
 
 REWARD_HEAD_KINDS = ("pblora", "hidden", "full_rank", "lora")
-REWARD_CONTEXTS = ("none", "prompt")
+REWARD_CONTEXTS = ("none", "prompt", "prompt-product")
+CONTEXT_WIDTHS = {"none": 1, "prompt": 2, "prompt-product": 3}  # adapter input width, in hidden sizes
 
 
 def prompt_context(hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -27,6 +28,17 @@ def prompt_context(hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Ten
     if bool((counts == 0).any()):
         raise ValueError("prompt_context needs at least one prompt token in every row (prompt_mask is empty for a row)")
     return (hidden.float() * weights).sum(dim=1) / counts  # (B, d)
+
+
+def context_product(hidden: torch.Tensor, context: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``h ⊙ c`` rescaled to ``h``'s root-mean-square: ``(..., d)``, ``(..., d)`` -> ``(..., d)``.
+
+    The product of two final states is dominated by the few outlier dimensions both share (its RMS is 4-6x the
+    state's on SmolLM2); rescaling keeps the adapter's input on the scale of ``h`` at every position.
+    """
+    product = hidden * context
+    scale = hidden.pow(2).mean(-1, keepdim=True).sqrt() / (product.pow(2).mean(-1, keepdim=True).sqrt() + eps)
+    return product * scale
 
 
 def constant_preference(preference: torch.Tensor) -> torch.Tensor:
@@ -48,7 +60,10 @@ class RewardHead(nn.Module):
 
     ``context="prompt"`` (``hidden`` kind only): the adapter reads ``[h_t; c]``, each position's state beside the
     prompt's mean state ``c`` (:func:`prompt_context`), so what the head pushes can depend on the request as a whole
-    (decline a harmful question, answer a benign one) and not only on the reply's latest state.
+    (decline a harmful question, answer a benign one) and not only on the reply's latest state. The adapter is linear,
+    so ``c`` adds the same logit shift at every position of a reply. ``context="prompt-product"`` adds
+    :func:`context_product` ``(h_t ⊙ c)``: a bilinear term, so the request can change what the head wants *at a given
+    point of the reply* (after "I'm sorry", a ", but" on a harmful request, a "for" on a benign one).
     """
 
     def __init__(self, lm_head: nn.Linear, kind: str, adapter: PBLoRAConfig, num_objectives: int, context: str = "none"):
@@ -66,7 +81,7 @@ class RewardHead(nn.Module):
         self.lm_head = None
         if kind == "hidden":
             # theta_0 = 0 over the hidden state: the head starts as the LM head and only the adapter trains.
-            width = lm_head.in_features * (2 if context == "prompt" else 1)  # [h_t; c] with a prompt context
+            width = lm_head.in_features * CONTEXT_WIDTHS[context]  # [h_t], [h_t; c] or [h_t; c; h_t ⊙ c]
             base = nn.Linear(width, lm_head.in_features, bias=False)
             base.to(device=lm_head.weight.device, dtype=torch.float32)
             nn.init.zeros_(base.weight)
@@ -90,16 +105,20 @@ class RewardHead(nn.Module):
         return constant_preference(preference)  # (B, 1)
 
     def _adapter_input(self, hidden: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        """What the adapter reads: ``hidden`` ``(..., d)``, or ``[hidden; context]`` ``(..., 2d)`` with a prompt context
-        (``context`` ``(B, d)`` per row, broadcast over the positions of ``hidden`` ``(B, d)`` or ``(B, T, d)``)."""
+        """What the adapter reads: ``hidden`` ``(..., d)``, ``[hidden; context]`` ``(..., 2d)`` with a prompt context, or
+        ``[hidden; context; context_product]`` ``(..., 3d)`` (``context`` ``(B, d)`` per row, broadcast over the positions
+        of ``hidden`` ``(B, d)`` or ``(B, T, d)``)."""
         if self.context == "none":
             return hidden
         if context is None:
-            raise ValueError("this reward head reads the prompt's mean state (reward_context 'prompt'): pass context")
+            raise ValueError(f"this reward head reads the prompt's mean state (reward_context {self.context!r}): pass context")
         if context.shape[0] != hidden.shape[0] or context.shape[-1] != hidden.shape[-1]:
             raise ValueError(f"context must be (B, d) = ({hidden.shape[0]}, {hidden.shape[-1]}), got {tuple(context.shape)}")
         context = context.to(hidden.dtype).reshape(context.shape[0], *([1] * (hidden.dim() - 2)), context.shape[-1])
-        return torch.cat([hidden, context.expand_as(hidden)], dim=-1)  # (..., 2d)
+        context = context.expand_as(hidden)
+        if self.context == "prompt":
+            return torch.cat([hidden, context], dim=-1)  # (..., 2d)
+        return torch.cat([hidden, context, context_product(hidden, context)], dim=-1)  # (..., 3d)
 
     def forward(
         self, hidden: torch.Tensor, lm_logits: torch.Tensor, preference: torch.Tensor, context: torch.Tensor | None = None

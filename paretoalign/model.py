@@ -65,8 +65,9 @@ class DualHeadConfig:
         default="none",
         metadata={
             "help": f"one of {REWARD_CONTEXTS}: 'prompt' lets the reward head (kind 'hidden') read the prompt's mean final "
-            "state beside each position's own, so what it pushes can depend on the request as a whole; 'none' reads the "
-            "position's state only"
+            "state beside each position's own, so what it pushes can depend on the request as a whole; 'prompt-product' "
+            "also reads their rescaled product, so the request can change what it pushes at each point of the reply; "
+            "'none' reads the position's state only"
         },
     )
     gate_size: int = field(default=256, metadata={"help": "width of the gate's attention"})
@@ -308,7 +309,7 @@ class DualHeadModel(nn.Module):
     def prompt_context(self, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor | None:
         """What a ``reward_context="prompt"`` head reads beside each state: the mean final state over each row's prompt
         tokens, ``(B, T, d)``, ``(B, T)`` -> ``(B, d)``; ``None`` for a head without a context."""
-        return prompt_context(hidden, prompt_mask) if self.config.reward_context == "prompt" else None
+        return prompt_context(hidden, prompt_mask) if self.config.reward_context != "none" else None
 
     def reward_logits(
         self,

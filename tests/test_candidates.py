@@ -95,8 +95,9 @@ def test_candidate_shift_equals_the_reward_heads_change_at_those_tokens(make_mod
     torch.testing.assert_close(model.reward_head.candidate_shift(hidden, preference, ids), full.gather(-1, ids), atol=1e-5, rtol=1e-5)
 
 
-def test_candidate_shift_of_a_prompt_context_head(make_model):
-    model = make_model(reward_head="hidden", reward_context="prompt")
+@pytest.mark.parametrize("context_kind", ["prompt", "prompt-product"])
+def test_candidate_shift_of_a_prompt_context_head(make_model, context_kind):
+    model = make_model(reward_head="hidden", reward_context=context_kind)
     hidden, context = torch.randn(2, 5, model.config.hidden_size)
     preference = torch.tensor([[0.3, 0.7]] * 5)
     lm_logits = model.backbone.get_output_embeddings()(hidden)
@@ -135,7 +136,14 @@ def _prepared(backbone, tokenizer, small_data, tmp_path, candidate_tokens, tail_
 
 
 @pytest.mark.parametrize(
-    "heads", [{"reward_layers": 0}, {"reward_layers": 1}, {"reward_head": "hidden", "reward_context": "prompt"}], ids=str
+    "heads",
+    [
+        {"reward_layers": 0},
+        {"reward_layers": 1},
+        {"reward_head": "hidden", "reward_context": "prompt"},
+        {"reward_head": "hidden", "reward_context": "prompt-product"},
+    ],
+    ids=str,
 )
 def test_scores_on_the_whole_vocabulary_as_candidates_equal_the_exact_ones(backbone, tokenizer, small_data, tmp_path, heads):
     vocab = backbone.get_output_embeddings().out_features

@@ -245,8 +245,9 @@ def test_reward_layers_is_validated(make_model):
         make_model(reward_layers=3)
 
 
-def test_prompt_context_head_reads_the_prompts_mean_state(make_model, tokenizer):
-    model = make_model(reward_head="hidden", reward_context="prompt")
+@pytest.mark.parametrize("context_kind", ["prompt", "prompt-product"])
+def test_prompt_context_head_reads_the_prompts_mean_state(make_model, tokenizer, context_kind):
+    model = make_model(reward_head="hidden", reward_context=context_kind)
     prompt_ids, prompt_mask = encode(tokenizer, ["How do I pick a lock?"])
     reply_ids, _ = encode(tokenizer, [" You need a tension wrench"])
     input_ids = torch.cat([prompt_ids, reply_ids], dim=1)
@@ -256,17 +257,22 @@ def test_prompt_context_head_reads_the_prompts_mean_state(make_model, tokenizer)
     out = model(input_ids, mask, preference, prompt_mask=prompt_only)
     hidden = model.backbone_hidden(input_ids, mask).float()  # (1, T, d)
     context = hidden[:, : prompt_ids.shape[1]].mean(dim=1, keepdim=True).expand_as(hidden)  # the prompt's mean state
-    shift = torch.cat([hidden, context], dim=-1) @ model.reward_head.adapter.get_delta_weight(preference).T  # (1, T, d)
+    read = [hidden, context]
+    if context_kind == "prompt-product":  # h ⊙ c, rescaled to h's root-mean-square at each position
+        product = hidden * context
+        read.append(product * hidden.norm(dim=-1, keepdim=True) / product.norm(dim=-1, keepdim=True))
+    shift = torch.cat(read, dim=-1) @ model.reward_head.adapter.get_delta_weight(preference).T  # (1, T, d)
     expected = model.backbone.get_output_embeddings()(hidden + shift)
     torch.testing.assert_close(out.reward_logits, expected, atol=1e-4, rtol=1e-4)
     # The reply's tokens are not the prompt: reading them into the context changes the head.
     assert not torch.allclose(model(input_ids, mask, preference).reward_logits, out.reward_logits, atol=1e-3)
 
 
-def test_prompt_context_head_decodes_what_it_scores(make_model, tokenizer):
+@pytest.mark.parametrize("context_kind", ["prompt", "prompt-product"])
+def test_prompt_context_head_decodes_what_it_scores(make_model, tokenizer, context_kind):
     from paretoalign.generation import DualHeadDecoder
 
-    model = make_model(reward_head="hidden", reward_context="prompt")
+    model = make_model(reward_head="hidden", reward_context=context_kind)
     prompt_ids, prompt_mask = encode(tokenizer, ["Hi", "How do I pick a lock? Please tell me."])  # left-padded
     reply = torch.tensor([[5, 9, 11], [7, 3, 2]])
     preference = model.preference_batch(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), 2)
