@@ -33,6 +33,9 @@ def _add_generate(subparsers) -> None:
     parser.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument(
+        "--no-repeat-ngram-size", type=int, default=0, help="a loop guard: no n-gram of the answer occurs twice (0: off)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--system-prompt", default=None)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -66,7 +69,7 @@ def run_generate(args: argparse.Namespace) -> int:
     options = dict(
         method=args.method, fusion=args.fusion, strength=args.strength, guidance_top_k=args.guidance_top_k, system_prompt=args.system_prompt,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-        compile=args.compile,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, compile=args.compile,
     )
     if args.stream:
         printed = ""

@@ -14,7 +14,12 @@ from typing import Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from .backbone import cache_kwargs
 from .heads import GateCache
@@ -168,6 +173,9 @@ class SamplingConfig:
     top_p: float = 0.9
     top_k: int = 0
     seed: int | Sequence[int] = 0
+    # A guard against loops ("I am. I am. I am."): no n-gram of the answer occurs twice (0: off). It reads the
+    # answer's own tokens only, so an answer may still quote the question.
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -178,6 +186,9 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        size = self.no_repeat_ngram_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or size == 1:
+            raise ValueError(f"no_repeat_ngram_size must be 0 (off) or an integer >= 2, got {size!r}")
 
 
 def _is_conversation(prompt) -> bool:
@@ -244,6 +255,16 @@ def eos_token_ids(tokenizer: PreTrainedTokenizerBase, backbone: PreTrainedModel)
     return sorted(i for i in ids if i is not None)
 
 
+def _guard(logits: torch.Tensor, answers: torch.Tensor, guard: NoRepeatNGramLogitsProcessor | None) -> torch.Tensor:
+    """``logits`` ``(B, V)`` with the tokens that would repeat an n-gram of ``answers`` ``(B, t)`` masked; a row whose
+    every candidate would (possible after a top-k restriction) keeps its scores: a repeat beats no answer."""
+    if guard is None:
+        return logits
+    guarded = guard(answers, logits)  # (B, V), a new tensor
+    stuck = ~torch.isfinite(guarded).any(dim=-1, keepdim=True)  # (B, 1)
+    return torch.where(stuck, logits, guarded)
+
+
 def _choose(logits: torch.Tensor, sampling: SamplingConfig, warpers: LogitsProcessorList, generators) -> torch.Tensor:
     """Next tokens ``(B,)`` from scores ``(B, V)``; every row draws from its own generator."""
     if sampling.temperature == 0:
@@ -287,12 +308,16 @@ def decode_steps(
         warpers.append(TopKLogitsWarper(sampling.top_k))
     if sampling.top_p < 1:
         warpers.append(TopPLogitsWarper(sampling.top_p))
+    guard = NoRepeatNGramLogitsProcessor(sampling.no_repeat_ngram_size) if sampling.no_repeat_ngram_size else None
+    answers = input_ids.new_zeros(batch, 0)  # (B, t) the tokens chosen so far, what the guard reads
     eos = torch.tensor(list(eos_ids), device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     out = decoder.start(input_ids, attention_mask, preference)
     for step in range(sampling.max_new_tokens):
         active = ~finished
-        tokens = torch.where(active, _choose(out.logits, sampling, warpers, generators), pad_id)  # (B,)
+        tokens = torch.where(active, _choose(_guard(out.logits, answers, guard), sampling, warpers, generators), pad_id)  # (B,)
+        if guard is not None:
+            answers = torch.cat([answers, tokens[:, None]], dim=1)
         finished = finished | torch.isin(tokens, eos)
         base_logprob = None
         if out.base_logits is not None:  # what the frozen model thinks of the chosen token: a fluency measure for free
@@ -449,7 +474,7 @@ def generate(
         fusion, strength, guidance_top_k: override the model's defaults (``gate``/``genarm``; steering strength; steer
             within the base model's top-k tokens, 0: all).
         sampling: ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``seed`` (an int,
-            or one per row); see :class:`SamplingConfig`. ``compile=True`` (``dualhead`` and ``base``) runs the
+            or one per row), ``no_repeat_ngram_size`` (a loop guard, 0: off); see :class:`SamplingConfig`. ``compile=True`` (``dualhead`` and ``base``) runs the
             backbone's step compiled over a static cache: about a minute to compile, then faster per token.
     """
     run = None

@@ -174,6 +174,8 @@ def test_changed_settings_are_refused_and_methods_can_be_added(make_model, promp
     assert "sampling.max_new_tokens" not in str(error.value)
     with pytest.raises(ValueError, match=r"sampling.max_new_tokens: 4 -> 6"):
         run_sweep(sweep_config(prompts_file, tmp_path, methods=["base"], max_new_tokens=6), model=model, scorer=scorer, progress=False)
+    with pytest.raises(ValueError, match=r"sampling.no_repeat_ngram_size: null -> 4"):  # recorded when the guard is on
+        run_sweep(sweep_config(prompts_file, tmp_path, methods=["base"], no_repeat_ngram_size=4), model=model, scorer=scorer, progress=False)
     with pytest.raises(ValueError, match=r"prompts.count: 3 -> 2"):
         run_sweep(sweep_config(prompts_file, tmp_path, methods=["base"], limit=2), model=model, scorer=scorer, progress=False)
     with pytest.raises(ValueError, match=r"model.heads_fingerprint"):  # other head weights

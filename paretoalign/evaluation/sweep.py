@@ -187,6 +187,7 @@ class SweepConfig:
     temperature: float = field(default=0.0, metadata={"help": "0 is greedy"})
     top_p: float = 1.0
     top_k: int = 0
+    no_repeat_ngram_size: int = field(default=0, metadata={"help": "a loop guard for every method: no n-gram of an answer occurs twice (0: off)"})
     seed: int = 0
     strength: float | None = field(default=None, metadata={"help": "steering strength passed to every method (default: its own)"})
     fusion: str | None = field(default=None, metadata={"help": "Dual-Head fusion, gate or genarm (default: the checkpoint's)"})
@@ -214,7 +215,7 @@ class SweepConfig:
 
         self.methods = parse_methods(self.methods)
         preference_grid(self.grid, 2)
-        SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed)
+        SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed, self.no_repeat_ngram_size)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -521,6 +522,8 @@ def _settings(config: SweepConfig, model, scorer, scorer_loaded: bool, prompts: 
             "top_p": config.top_p,
             "top_k": config.top_k,
             "seed": config.seed,
+            # recorded when on, so a sweep written before the guard existed still resumes
+            **({"no_repeat_ngram_size": config.no_repeat_ngram_size} if config.no_repeat_ngram_size else {}),
         },
         "strength": config.strength,
         "fusion": config.fusion,
@@ -553,7 +556,7 @@ def _run_method(name: str, todo: list[_Job], config: SweepConfig, model, scorer,
                 generations = generate(
                     model, prompts, preference, decoder=decoder, system_prompt=config.system_prompt,
                     max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-                    top_k=config.top_k, seed=seeds,
+                    top_k=config.top_k, seed=seeds, no_repeat_ngram_size=config.no_repeat_ngram_size,
                 )
             seconds = time.perf_counter() - start
             # Decoding steps of the batch: a row that stopped at eos took one step past its last token.
