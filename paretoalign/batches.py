@@ -114,6 +114,7 @@ class PreparedData:
     conflicts: dict | None = None  # {(objective, teacher objective): validation pairs the two label opposite ways}
     onpolicy_scores: list[dict] | None = None  # each sampled prompt's teacher reward per reply and objective
     first_sampled: int | None = None  # cached sequences from this index on are the backbone's own replies (onpolicy)
+    teachers: dict | None = None  # {objective: teachers.Teacher} that labelled the pairs, thresholds calibrated
 
     def collate(self, index: PairIndex, pair_ids: np.ndarray, candidates: bool = True) -> PairBatch:
         """The pairs ``pair_ids`` of ``index`` as a :class:`PairBatch`, with the block states and (``candidates``)

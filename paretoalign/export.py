@@ -7,10 +7,14 @@ import os
 import shutil
 from pathlib import Path
 
-from .data import load_default_pairs, split_pools
-from .features import feature_cache_root
+import numpy as np
+
+from .batches import add_pair_sequences
+from .data import PreferenceCollator, load_default_pairs, split_pools
+from .features import build_feature_cache, feature_cache_root
 from .model import CONFIG_NAME, WEIGHTS_NAME, DualHeadModel
 from .objective import arm_accuracy
+from .teachers import pooled_replies
 
 
 def card_preferences(k: int) -> list[list[float]]:
@@ -27,18 +31,9 @@ def held_out_accuracy(
 
     Returns ``{name: [{"preference", "accuracy", "n", "mean_margin"}, ...]}``.
     """
-    import random
-
-    pools = load_default_pairs()
     preferences = card_preferences(len(model.objectives))
-    splits = split_pools(pools, seed=split_seed)
     results = {}
-    for objective in model.objectives:
-        pairs = list(splits.get(objective, {}).get(split, []))
-        if not pairs:
-            continue
-        if max_pairs is not None and len(pairs) > max_pairs:
-            pairs = random.Random(split_seed).sample(pairs, max_pairs)
+    for objective, pairs in held_out_pairs(model.objectives, split, split_seed, max_pairs).items():
         sources = sorted({pair.source for pair in pairs})
         groups = {source: [pair for pair in pairs if pair.source == source] for source in sources}
         by_source = {source: arm_accuracy(model, group, preferences, progress=progress, **kwargs) for source, group in groups.items()}
@@ -46,6 +41,92 @@ def held_out_accuracy(
         if len(by_source) > 1:
             results.update({f"{objective} · {source}": found for source, found in by_source.items()})
     return results
+
+
+def held_out_pairs(objectives, split: str = "test", split_seed: int = 0, max_pairs: int | None = None) -> dict:
+    """``{objective: pairs}`` of a split (objectives without any left out); ``max_pairs``: a seeded sample of each."""
+    import random
+
+    splits = split_pools(load_default_pairs(), seed=split_seed)
+    found = {}
+    for objective in objectives:
+        pairs = list(splits.get(objective, {}).get(split, []))
+        if max_pairs is not None and len(pairs) > max_pairs:
+            pairs = random.Random(split_seed).sample(pairs, max_pairs)
+        if pairs:
+            found[objective] = pairs
+    return found
+
+
+def held_out_conflicts(
+    model: DualHeadModel,
+    teachers: dict,
+    feature_cache: str | os.PathLike,
+    split: str = "test",
+    split_seed: int = 0,
+    max_pairs: int | None = None,
+    progress: bool = True,
+    max_length: int = 512,
+    max_prompt_length: int = 384,
+    feature_dtype: str = "float32",
+) -> dict:
+    """Does the preference choose which label the reward head follows where the objectives disagree?
+
+    Conflict pairs are ``split`` pairs of one objective whose human label another objective's teacher (a run's
+    :class:`~paretoalign.teachers.Teacher`, threshold calibrated on validation) confidently contradicts. On them the
+    head should side with the pair's own objective at that objective's one-hot and with the teacher at the teacher's.
+    Returns ``{"<objective>-vs-<teacher>": {"pairs", "agrees-with-<objective>@<own one-hot>",
+    "agrees-with-<teacher>@<teacher's one-hot>"}}``; the pairs are :func:`held_out_pairs`' (the card's accuracy
+    pairs), their states from the feature cache the accuracy already built.
+    """
+    collator = PreferenceCollator(model.tokenizer, max_length, max_prompt_length)
+    one_hot = {name: [float(name == other) for other in model.objectives] for name in model.objectives}
+    results = {}
+    for objective, pairs in held_out_pairs(model.objectives, split, split_seed, max_pairs).items():
+        sequences: list[list[int]] = []
+        index = add_pair_sequences(collator, pairs, sequences)
+        cache = build_feature_cache(model, sequences, feature_cache, progress=progress, compute_dtype=feature_dtype)
+        chosen, rejected = (pooled_replies(cache, rows, index.prompt_length) for rows in (index.chosen, index.rejected))
+        for name, teacher in teachers.items():
+            if name == objective or name not in one_hot:
+                continue
+            margins = teacher.margin(chosen, rejected)  # (n,) > 0: the teacher agrees with the human label
+            conflict = [pairs[i] for i in np.flatnonzero((np.abs(margins) >= teacher.threshold) & (margins < 0))]
+            entry = {"pairs": len(conflict)}
+            if conflict:
+                own, other = arm_accuracy(
+                    model, conflict, [one_hot[objective], one_hot[name]], max_length=max_length, max_prompt_length=max_prompt_length,
+                    feature_cache=feature_cache, feature_dtype=feature_dtype,
+                )
+                entry[f"agrees-with-{objective}@{_label(one_hot[objective])}"] = own["accuracy"]
+                entry[f"agrees-with-{name}@{_label(one_hot[name])}"] = 1.0 - other["accuracy"]  # margin <= 0: the teacher's side
+            results[f"{objective}-vs-{name}"] = entry
+    return results
+
+
+def _conflict_section(conflicts: dict | None) -> str:
+    if not conflicts:
+        return ""
+    rows = ["| pairs of | contradicted by the teacher of | pairs | head sides with the pair's objective at its one-hot | head sides with the teacher at the teacher's one-hot |", "| --- | --- | ---: | ---: | ---: |"]
+    for name, entry in conflicts.items():
+        objective, teacher = name.split("-vs-")
+        own = next((v for k, v in entry.items() if k.startswith(f"agrees-with-{objective}@")), None)
+        other = next((v for k, v in entry.items() if k.startswith(f"agrees-with-{teacher}@")), None)
+        cells = [f"{v:.2f}" if v is not None else "—" for v in (own, other)]
+        rows.append(f"| {objective} | {teacher} | {entry['pairs']} | {cells[0]} | {cells[1]} |")
+    table = "\n".join(rows)
+    return f"""
+### Where the objectives disagree (`test_conflicts.json`)
+
+The same test pairs, where the other objective's teacher (the run's linear probe, its label threshold calibrated on
+validation) confidently contradicts the pair's human label: the preference should decide which label the head follows.
+
+{table}
+"""
+
+
+def _label(preference: list[float]) -> str:
+    return ",".join(f"{w:g}" for w in preference)
 
 
 def _pooled(parts: list[dict]) -> dict:
@@ -150,7 +231,9 @@ def _preference_step(config: dict) -> str:
     )
 
 
-def write_model_card(run_dir: Path, checkpoint_dir: Path, results: dict, max_pairs: int | None = None) -> str:
+def write_model_card(
+    run_dir: Path, checkpoint_dir: Path, results: dict, max_pairs: int | None = None, conflicts: dict | None = None
+) -> str:
     config = json.loads((run_dir / "train_config.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     model_config = json.loads((checkpoint_dir / CONFIG_NAME).read_text())
@@ -170,7 +253,7 @@ reward at each preference w = (helpfulness, harmlessness); {_reward_definition(m
 {_accuracy_table(results)}
 
 {_sample_note(max_pairs)}Reproduce one cell on the whole split: `paretoalign arm-accuracy --split test --objective harmlessness --preference 0,1 --checkpoint checkpoints/default --json`.
-
+{_conflict_section(conflicts)}
 ## Data
 
 {_data_sources(config, pools)}
@@ -227,10 +310,17 @@ def export_run(run_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, pr
         raise FileNotFoundError(f"run {str(run_dir)!r} has no finished model in {str(model_dir)!r}")
     model = DualHeadModel.from_pretrained(model_dir)
     config = json.loads((run_dir / "train_config.json").read_text())
-    results = held_out_accuracy(
-        model, progress=progress, max_pairs=max_pairs, max_length=config["max_length"], max_prompt_length=config["max_prompt_length"],
+    settings = dict(
+        max_pairs=max_pairs, max_length=config["max_length"], max_prompt_length=config["max_prompt_length"],
         feature_cache=feature_cache_root(config.get("feature_cache")), feature_dtype=config.get("feature_dtype", "float32"),
     )
+    results = held_out_accuracy(model, progress=progress, **settings)
+    conflicts = None
+    if config.get("teacher_objectives") or config.get("onpolicy"):  # the run had teachers: refit them from its caches
+        from .train import TrainConfig, prepare_data
+
+        teachers = prepare_data(TrainConfig(**config), model, progress=progress).teachers
+        conflicts = held_out_conflicts(model, teachers, progress=progress, **settings)
     staging = checkpoint_dir.with_name(f".{checkpoint_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -240,7 +330,9 @@ def export_run(run_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, pr
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, staging / name)
     (staging / "test_accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
-    (staging / "README.md").write_text(write_model_card(run_dir, staging, results, max_pairs))
+    if conflicts is not None:
+        (staging / "test_conflicts.json").write_text(json.dumps(conflicts, indent=2) + "\n")
+    (staging / "README.md").write_text(write_model_card(run_dir, staging, results, max_pairs, conflicts))
     if checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
     os.replace(staging, checkpoint_dir)

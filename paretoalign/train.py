@@ -366,7 +366,7 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
         candidates = build_candidate_cache(
             lm_head, cache, prompt_lengths, config.candidate_tokens, config.tail_samples, config.seed, progress
         )
-    train_index, report, conflicts, onpolicy_scores = dict(indices["train"]), None, None, None
+    train_index, report, conflicts, onpolicy_scores, teachers = dict(indices["train"]), None, None, None, None
     for objective, keep in kept.items():
         train_index[objective] = train_index[objective].select(keep)
     if config.teacher_objectives or groups:
@@ -390,7 +390,8 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
                     {"folders": group.folders, "prompt_id": group.prompt_id, "source": group.source, "teacher_rewards": scores}
                 )
     return PreparedData(
-        cache, train_index, indices["validation"], block_cache, block_layer, candidates, report, conflicts, onpolicy_scores, first_sampled
+        cache, train_index, indices["validation"], block_cache, block_layer, candidates, report, conflicts, onpolicy_scores, first_sampled,
+        teachers,
     )
 
 

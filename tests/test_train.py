@@ -163,7 +163,7 @@ def test_export_ships_weights_log_accuracy_and_card(backbone, tokenizer, small_d
     backbone_dir = tmp_path / "tiny-backbone"
     backbone.save_pretrained(backbone_dir)
     tokenizer.save_pretrained(backbone_dir)
-    config = make_config(small_data, tmp_path, backbone=str(backbone_dir), steps=3)
+    config = make_config(small_data, tmp_path, backbone=str(backbone_dir), steps=3, teacher_objectives=["helpfulness"])
     train(config, fresh_model(backbone, tokenizer, config), progress=False)
     real_loader = export_module.load_default_pairs
     monkeypatch.setattr(export_module, "load_default_pairs", lambda: real_loader(data_dir=small_data))
@@ -171,6 +171,10 @@ def test_export_ships_weights_log_accuracy_and_card(backbone, tokenizer, small_d
     shipped = tmp_path / "checkpoints" / "default"
     names = {p.name for p in shipped.iterdir()}
     assert {"dualhead_config.json", "dualhead_model.safetensors", "training_log.jsonl", "README.md", "test_accuracy.json"} <= names
+    # The run had a teacher, refit from its caches: the other objective's test pairs checked against it.
+    conflicts = json.loads((shipped / "test_conflicts.json").read_text())
+    assert set(conflicts) == {"harmlessness-vs-helpfulness"}  # the helpfulness teacher on harmlessness pairs
+    assert all(entry["pairs"] <= results[name.split("-vs-")[0]][0]["n"] for name, entry in conflicts.items())
     assert [r["preference"] for r in results["harmlessness"]] == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
     parts = [name for name in results if name.startswith("harmlessness · ")]
     if parts:  # each source of a mixed objective gets its own row; the objective's row pools them
@@ -270,3 +274,42 @@ def test_gate_preference_objective_trains_the_gate_only_and_lowers_its_loss(back
     assert gate_loss() < before
     with pytest.raises(ValueError, match="gate_objective must be one of .*got 'reward'"):
         make_config(small_data, tmp_path, gate_objective="reward")
+
+
+class _FixedTeacher:
+    """A teacher whose verdict on every pair is fixed: ``sign`` > 0 agrees with each human label, < 0 contradicts it."""
+
+    def __init__(self, sign: float):
+        self.sign, self.threshold = sign, 0.5
+
+    def margin(self, chosen, rejected):
+        return np.full(len(chosen), self.sign)
+
+
+def test_conflict_pairs_follow_the_preference_or_not(backbone, tokenizer, small_data, tmp_path, monkeypatch):
+    from paretoalign import export as export_module
+
+    real_loader = export_module.load_default_pairs
+    monkeypatch.setattr(export_module, "load_default_pairs", lambda: real_loader(data_dir=small_data))
+    config = make_config(small_data, tmp_path)
+    model = fresh_model(backbone, tokenizer, config)
+    from conftest import randomize_adapters
+
+    randomize_adapters(model, scale=0.3)
+    settings = {"max_length": 64, "max_prompt_length": 32, "feature_cache": tmp_path / "features"}
+    accuracy = export_module.held_out_accuracy(model, progress=False, **settings)
+    # A harmlessness teacher that contradicts every helpfulness label, and a helpfulness one that agrees with every
+    # harmlessness label: every helpfulness test pair conflicts, no harmlessness one does.
+    teachers = {"harmlessness": _FixedTeacher(-1.0), "helpfulness": _FixedTeacher(+1.0)}
+    conflicts = export_module.held_out_conflicts(model, teachers, progress=False, **settings)
+    assert conflicts["harmlessness-vs-helpfulness"] == {"pairs": 0}
+    entry = conflicts["helpfulness-vs-harmlessness"]
+    first, uniform, second = accuracy["helpfulness"]  # at (1, 0), (0.5, 0.5), (0, 1)
+    assert entry["pairs"] == first["n"]
+    assert entry["agrees-with-helpfulness@1,0"] == pytest.approx(first["accuracy"])
+    assert entry["agrees-with-harmlessness@0,1"] == pytest.approx(1.0 - second["accuracy"])
+    # A teacher below its threshold labels nothing, so nothing conflicts.
+    unsure = _FixedTeacher(-0.1)
+    assert export_module.held_out_conflicts(model, {"harmlessness": unsure}, progress=False, **settings) == {
+        "helpfulness-vs-harmlessness": {"pairs": 0}
+    }
