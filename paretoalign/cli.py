@@ -34,7 +34,8 @@ def _add_generate(subparsers) -> None:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument(
-        "--no-repeat-ngram-size", type=int, default=0, help="a loop guard: no n-gram of the answer occurs twice (0: off)"
+        "--no-repeat-ngram-size", type=int, default=None,
+        help="a loop guard: no n-gram of the answer occurs twice (0: off; default: the checkpoint's)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--system-prompt", default=None)

@@ -23,7 +23,7 @@ from transformers.generation.logits_process import (
 
 from .backbone import cache_kwargs
 from .heads import GateCache
-from .model import DualHeadModel, check_guidance_top_k, position_ids_from_mask
+from .model import DualHeadModel, check_guidance_top_k, check_no_repeat_ngram_size, position_ids_from_mask
 from .static_step import StaticBackbone
 
 Message = dict[str, str]
@@ -186,9 +186,7 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        size = self.no_repeat_ngram_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or size == 1:
-            raise ValueError(f"no_repeat_ngram_size must be 0 (off) or an integer >= 2, got {size!r}")
+        check_no_repeat_ngram_size(self.no_repeat_ngram_size)
 
 
 def _is_conversation(prompt) -> bool:
@@ -419,6 +417,8 @@ def make_decoder(
 
 def _runs(model, prompts, preference, method, fusion, strength, guidance_top_k, chat, system_prompt, decoder, sampling) -> Iterator[GenerationRun]:
     compile = bool(sampling.pop("compile", False))
+    if sampling.get("no_repeat_ngram_size") is None:  # the checkpoint's loop guard
+        sampling["no_repeat_ngram_size"] = model.config.no_repeat_ngram_size
     sampling_config = SamplingConfig(**sampling)
     texts, input_ids, attention_mask, preference = prepare_batch(model, prompts, preference, chat, system_prompt)
     eos_ids = eos_token_ids(model.tokenizer, model.backbone)
@@ -474,7 +474,8 @@ def generate(
         fusion, strength, guidance_top_k: override the model's defaults (``gate``/``genarm``; steering strength; steer
             within the base model's top-k tokens, 0: all).
         sampling: ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``seed`` (an int,
-            or one per row), ``no_repeat_ngram_size`` (a loop guard, 0: off); see :class:`SamplingConfig`. ``compile=True`` (``dualhead`` and ``base``) runs the
+            or one per row), ``no_repeat_ngram_size`` (a loop guard, 0: off; default the checkpoint's); see
+            :class:`SamplingConfig`. ``compile=True`` (``dualhead`` and ``base``) runs the
             backbone's step compiled over a static cache: about a minute to compile, then faster per token.
     """
     run = None

@@ -83,6 +83,13 @@ class DualHeadConfig:
             "finds plausible (as ARGS and RAD do) and never promotes a token it finds unlikely; 0 keeps every token"
         },
     )
+    no_repeat_ngram_size: int = field(
+        default=0,
+        metadata={
+            "help": "decoding's default loop guard: no n-gram of an answer occurs twice, for every method decoded with this "
+            "model (0: off); like strength and guidance_top_k, chosen on validation prompts and overridable per call"
+        },
+    )
     vocab_size: int | None = field(default=None, metadata={"help": "filled from the backbone"})
     hidden_size: int | None = field(default=None, metadata={"help": "filled from the backbone"})
     tokenizer_fingerprint: str | None = field(default=None, metadata={"help": "filled from the tokenizer"})
@@ -117,6 +124,7 @@ class DualHeadConfig:
         if self.strength < 0:
             raise ValueError(f"strength must be >= 0, got {self.strength!r}")
         check_guidance_top_k(self.guidance_top_k)
+        check_no_repeat_ngram_size(self.no_repeat_ngram_size)
 
     @property
     def num_objectives(self) -> int:
@@ -161,6 +169,13 @@ def fuse_logits(
     if fusion == "genarm":
         return F.log_softmax(lm_logits, dim=-1) + strength * F.log_softmax(reward_logits, dim=-1)  # (..., V)
     raise ValueError(f"fusion must be one of {FUSION_MODES}, got {fusion!r}")
+
+
+def check_no_repeat_ngram_size(size) -> int:
+    """``size`` if it is 0 (no loop guard) or an n-gram length >= 2, else a ``ValueError`` naming it."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0 or size == 1:
+        raise ValueError(f"no_repeat_ngram_size must be 0 (off) or an integer >= 2, got {size!r}")
+    return size
 
 
 def check_guidance_top_k(top_k) -> int:

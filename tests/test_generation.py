@@ -277,3 +277,20 @@ def test_compile_settings_are_checked(make_model):
     static.step(torch.ones(1, 1, dtype=torch.long), torch.ones(1, 128, dtype=torch.long))
     with pytest.raises(ValueError, match="static cache holds 128 tokens"):
         static.step(torch.ones(1, 1, dtype=torch.long), torch.ones(1, 129, dtype=torch.long))
+
+
+def test_the_checkpoints_loop_guard_is_the_default_and_a_call_overrides_it(make_model, backbone, tokenizer, tmp_path):
+    from paretoalign.model import DualHeadConfig, DualHeadModel
+
+    plain = make_model()
+    guarded = make_model(no_repeat_ngram_size=3)
+    expected = [g.token_ids for g in generate(plain, PROMPTS, [0.5, 0.5], max_new_tokens=30, temperature=0, no_repeat_ngram_size=3)]
+    assert [g.token_ids for g in generate(guarded, PROMPTS, [0.5, 0.5], max_new_tokens=30, temperature=0)] == expected
+    free = [g.token_ids for g in generate(plain, PROMPTS, [0.5, 0.5], max_new_tokens=30, temperature=0)]
+    assert [g.token_ids for g in generate(guarded, PROMPTS, [0.5, 0.5], max_new_tokens=30, temperature=0, no_repeat_ngram_size=0)] == free
+    assert free != expected
+    guarded.save_pretrained(tmp_path / "ckpt")  # the guard travels with the checkpoint
+    loaded = DualHeadModel.from_pretrained(tmp_path / "ckpt", backbone=backbone, tokenizer=tokenizer)
+    assert loaded.config.no_repeat_ngram_size == 3
+    with pytest.raises(ValueError, match="no_repeat_ngram_size must be 0 \\(off\\) or an integer >= 2, got -2"):
+        DualHeadConfig(no_repeat_ngram_size=-2)

@@ -187,7 +187,10 @@ class SweepConfig:
     temperature: float = field(default=0.0, metadata={"help": "0 is greedy"})
     top_p: float = 1.0
     top_k: int = 0
-    no_repeat_ngram_size: int = field(default=0, metadata={"help": "a loop guard for every method: no n-gram of an answer occurs twice (0: off)"})
+    no_repeat_ngram_size: int | None = field(
+        default=None,
+        metadata={"help": "a loop guard for every method: no n-gram of an answer occurs twice (0: off; default: the checkpoint's)"},
+    )
     seed: int = 0
     strength: float | None = field(default=None, metadata={"help": "steering strength passed to every method (default: its own)"})
     fusion: str | None = field(default=None, metadata={"help": "Dual-Head fusion, gate or genarm (default: the checkpoint's)"})
@@ -215,7 +218,7 @@ class SweepConfig:
 
         self.methods = parse_methods(self.methods)
         preference_grid(self.grid, 2)
-        SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed, self.no_repeat_ngram_size)
+        SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed, self.no_repeat_ngram_size or 0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -523,7 +526,7 @@ def _settings(config: SweepConfig, model, scorer, scorer_loaded: bool, prompts: 
             "top_k": config.top_k,
             "seed": config.seed,
             # recorded when on, so a sweep written before the guard existed still resumes
-            **({"no_repeat_ngram_size": config.no_repeat_ngram_size} if config.no_repeat_ngram_size else {}),
+            **({"no_repeat_ngram_size": guard} if (guard := _loop_guard(config, model)) else {}),
         },
         "strength": config.strength,
         "fusion": config.fusion,
@@ -531,6 +534,11 @@ def _settings(config: SweepConfig, model, scorer, scorer_loaded: bool, prompts: 
         "system_prompt": config.system_prompt,
         "batch_size": config.batch_size,
     }
+
+
+def _loop_guard(config: SweepConfig, model) -> int:
+    """The sweep's n-gram loop guard: its own setting, else the checkpoint's."""
+    return model.config.no_repeat_ngram_size if config.no_repeat_ngram_size is None else config.no_repeat_ngram_size
 
 
 def _run_method(name: str, todo: list[_Job], config: SweepConfig, model, scorer, directory: Path, bar, after_batch) -> int:
@@ -556,7 +564,7 @@ def _run_method(name: str, todo: list[_Job], config: SweepConfig, model, scorer,
                 generations = generate(
                     model, prompts, preference, decoder=decoder, system_prompt=config.system_prompt,
                     max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-                    top_k=config.top_k, seed=seeds, no_repeat_ngram_size=config.no_repeat_ngram_size,
+                    top_k=config.top_k, seed=seeds, no_repeat_ngram_size=_loop_guard(config, model),
                 )
             seconds = time.perf_counter() - start
             # Decoding steps of the batch: a row that stopped at eos took one step past its last token.
