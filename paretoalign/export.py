@@ -172,14 +172,24 @@ def _reward_definition(model_config: dict) -> str:
 
 def _reward_input(model_config: dict) -> str:
     k = model_config.get("reward_layers", 0)
+    context = {
+        "prompt": " beside the prompt's mean final state (`reward_context` \"prompt\")",
+        "prompt-product": " beside the prompt's mean final state and their rescaled product (`reward_context` \"prompt-product\")",
+    }.get(model_config.get("reward_context", "none"), "")
+    guard = model_config.get("no_repeat_ngram_size", 0)
+    decoding = (
+        f" Decoding defaults: strength {model_config.get('strength')}, the base model's top-{model_config.get('guidance_top_k')} "
+        f"tokens{f', no {guard}-gram of an answer twice (`no_repeat_ngram_size`)' if guard else ''}."
+    )
     if not k:
-        return "The reward head reads the backbone's final hidden state (`reward_layers` 0)."
+        return f"The reward head reads the backbone's final hidden state{context} (`reward_layers` 0).{decoding}"
     adapter = model_config["reward_adapter"]
     return (
         f"The reward head reads its own re-run of the backbone's last {k} blocks (`reward_layers` {k}): copies of "
         f"those blocks with PBLoRA (r1={adapter['r1']}, r2={adapter['r2']}, alpha={adapter['lora_alpha']}) on their "
         "q/k/v/o projections, from the residual stream the LM branch computes anyway, with their own KV cache when "
         f"decoding (about {k} blocks' worth of extra compute per token; `benchmarks/reward_layers_cost.py` measures it)."
+        + decoding
     )
 
 
