@@ -337,3 +337,14 @@ def test_cli_trains_checkpoints_that_the_methods_load(make_model, backbone, toke
         with pytest.raises(SystemExit) as exit_info:
             main(["train-arm", *argv, *common])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_unconditioned_decoder_takes_the_callers_guidance_settings(make_model, baseline_checkpoints):
+    from paretoalign.baselines.unconditioned import build_decoder
+
+    model = make_model()
+    directory = baseline_checkpoints / "dualhead-unconditioned"
+    own = build_decoder(model, checkpoint=directory)
+    assert own.guidance_top_k == UnconditionedDualHeadModel.from_pretrained(directory, model.backbone, model.tokenizer).config.guidance_top_k
+    steered = build_decoder(model, checkpoint=directory, guidance_top_k=7, strength=2.5)
+    assert steered.guidance_top_k == 7 and steered.strength == 2.5

@@ -78,12 +78,15 @@ def unconditioned_model(backbone, tokenizer, config) -> UnconditionedDualHeadMod
     return UnconditionedDualHeadModel(backbone, tokenizer, config)
 
 
-def build_decoder(model, strength: float | None = None, fusion: str | None = None, checkpoint=None, **options) -> DualHeadDecoder:
+def build_decoder(
+    model, strength: float | None = None, fusion: str | None = None, checkpoint=None, guidance_top_k: int | None = None, **options
+) -> DualHeadDecoder:
     """The ``dualhead-unconditioned`` method: its heads (default ``checkpoints/dualhead-unconditioned``) on ``model``'s
-    backbone, decoded like the Dual-Head (``fusion`` and ``strength`` as there)."""
+    backbone, decoded like the Dual-Head (``fusion``, ``strength`` and ``guidance_top_k`` as there; default: its
+    checkpoint's)."""
     directory = default_checkpoint(METHOD) if checkpoint is None else checkpoint
     heads = UnconditionedDualHeadModel.from_pretrained(directory, backbone=model.backbone, tokenizer=model.tokenizer)
-    return DualHeadDecoder(heads, fusion, strength)
+    return DualHeadDecoder(heads, fusion, strength, guidance_top_k)
 
 
 def train_unconditioned(config, out: str | os.PathLike, progress: bool = True) -> UnconditionedDualHeadModel:
