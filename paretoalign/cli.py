@@ -278,8 +278,13 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 def _add_report(subparsers) -> None:
     parser = subparsers.add_parser("report", help="HV, MIP, speed and a Pareto-front figure from a sweep directory")
-    parser.add_argument("--results", required=True, help="the sweep directory (written by paretoalign sweep)")
-    parser.add_argument("--out", default=None, help="where to write report.md, pareto_front.html/png, summary.json (default: --results)")
+    parser.add_argument(
+        "--results", required=True, nargs="+",
+        help="the sweep directory (written by paretoalign sweep), or several sweeps of the same prompts to compare on one normalisation",
+    )
+    parser.add_argument(
+        "--out", default=None, help="where to write report.md, pareto_front.html/png, summary.json (default: --results; needed with several)"
+    )
     parser.add_argument("--no-png", action="store_true", help="skip the static PNG export")
     parser.add_argument("--json", action="store_true", help="print {methods: {name: {hv, mip, tokens_per_s, ...}}, ...} as JSON")
     parser.set_defaults(handler=run_report)
@@ -288,7 +293,7 @@ def _add_report(subparsers) -> None:
 def run_report(args: argparse.Namespace) -> int:
     from .evaluation.report import json_summary, write_report
 
-    summary = write_report(args.results, args.out, png=not args.no_png)
+    summary = write_report(args.results if len(args.results) > 1 else args.results[0], args.out, png=not args.no_png)
     if args.json:
         print(json.dumps(json_summary(summary), ensure_ascii=False))
         return 0
@@ -296,7 +301,7 @@ def run_report(args: argparse.Namespace) -> int:
         hv, mip = (f"{v:.4f}" if v is not None else "n/a" for v in (method["hv"], method["mip"]))
         print(f"{name}: HV {hv}, MIP {mip}, {method['n_points']} points, {method['n_prompts']} prompts")
     written = [name for name in summary["files"].values() if name]
-    print(f"wrote {', '.join(written)} to {args.out or args.results}")
+    print(f"wrote {', '.join(written)} to {args.out or args.results[0]}")
     return 0
 
 

@@ -304,6 +304,28 @@ def test_report_files_and_json(tmp_path, capsys):
         assert (tmp_path / "report" / report.PNG_NAME).stat().st_size > 0
 
 
+def test_several_sweeps_share_one_normalisation(tmp_path, capsys):
+    write_crafted(tmp_path / "one")
+    settings, rows, runs = crafted_sweep()
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / sweep.SETTINGS_NAME).write_text(json.dumps({**settings, "methods": ["a"]}))
+    shifted = [{**row, "scores": {k: v + 1 for k, v in row["scores"].items()}} for row in rows if row["method"] == "a"]
+    sweep.append_rows(tmp_path / "two" / sweep.RESULTS_NAME, shifted)
+    out = tmp_path / "both"
+    assert main(["report", "--results", str(tmp_path / "one"), str(tmp_path / "two"), "--out", str(out), "--json", "--no-png"]) == 0
+    methods = json.loads(capsys.readouterr().out)["methods"]
+    # Means: a (one) (1, 5), (4, 4), (5, 1); a (two) (2, 6), (5, 5), (6, 2); base (2, 2); bounds 1..6 on both axes.
+    assert set(methods) == {"a (one)", "a (two)", "base"}
+    assert methods["a (one)"]["hv"] == pytest.approx(0.6 * 0.6)
+    assert methods["a (two)"]["hv"] == pytest.approx(0.2 * 1.0 + 0.6 * 0.8 + 0.2 * 0.2)
+    assert methods["base"]["hv"] == pytest.approx(0.2 * 0.2)
+    with pytest.raises(ValueError, match="out is required"):
+        write_report([tmp_path / "one", tmp_path / "two"])
+    (tmp_path / "two" / sweep.SETTINGS_NAME).write_text(json.dumps({**settings, "prompts": {"fingerprint": "other"}}))
+    with pytest.raises(ValueError, match="decoded other prompts"):
+        write_report([tmp_path / "one", tmp_path / "two"], out)
+
+
 def test_pareto_figure_draws_the_current_answer(tmp_path):
     write_crafted(tmp_path)
     summary = write_report(tmp_path, png=False)

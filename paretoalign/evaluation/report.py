@@ -299,18 +299,59 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def write_report(results: str | os.PathLike, out: str | os.PathLike | None = None, png: bool = True) -> dict:
+def load_sweeps(directories: Sequence[str | os.PathLike]) -> tuple[dict, list[dict], list[dict]]:
+    """Several sweeps of the same prompts and objectives as one: ``(settings, rows, method_runs)``.
+
+    The settings are the first sweep's, with every method listed; a method met in more than one sweep (two
+    checkpoints' ``dualhead``, a base model with and without a loop guard) is named ``method (folder)`` after its
+    sweep's folder, so every method's points share one normalisation for HV and MIP.
+    """
+    directories = [Path(d).expanduser() for d in directories]
+    if not directories:
+        raise ValueError("results needs at least one sweep directory")
+    loaded = [(directory, *load_sweep(directory)) for directory in directories]
+    first_dir, settings = directories[0], loaded[0][1]
+    for directory, other, _, _ in loaded[1:]:
+        if other["objectives"] != settings["objectives"]:
+            raise ValueError(f"{directory} scores objectives {other['objectives']}, {first_dir} {settings['objectives']}: not comparable")
+        if other["prompts"].get("fingerprint") != settings["prompts"].get("fingerprint"):
+            raise ValueError(f"{directory} decoded other prompts than {first_dir} (prompt fingerprints differ): not comparable")
+    if len(loaded) == 1:
+        return loaded[0][1:]
+    counts: dict[str, int] = {}
+    for _, _, rows, _ in loaded:
+        for method in {row["method"] for row in rows}:
+            counts[method] = counts.get(method, 0) + 1
+    # a folder named like the prompt set ("harmful") is told apart by its parent's name
+    names = {d: d.name if len({x.name for x in directories}) == len(directories) else f"{d.parent.name}/{d.name}" for d in directories}
+    rename = lambda method, directory: method if counts.get(method, 0) <= 1 else f"{method} ({names[directory]})"  # noqa: E731
+    rows = [{**row, "method": rename(row["method"], d)} for d, _, found, _ in loaded for row in found]
+    runs = [{**run, "method": rename(run["method"], d)} for d, _, _, found in loaded for run in found]
+    methods = list(dict.fromkeys(rename(m, d) for d, found, _, _ in loaded for m in found["methods"]))
+    grid = max((found for _, found, _, _ in loaded), key=lambda found: len(found["preferences"]))  # the finest grid
+    return {**settings, "methods": methods, "grid": grid["grid"], "preferences": grid["preferences"]}, rows, runs
+
+
+def write_report(
+    results: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike | None = None, png: bool = True
+) -> dict:
     """Write ``report.md``, ``pareto_front.html``, ``pareto_front.png`` (when static export works) and ``summary.json``.
 
     Args:
-        results: the sweep directory.
-        out: where to write (default: ``results``).
+        results: the sweep directory, or several sweeps of the same prompts (:func:`load_sweeps`), compared on one
+            normalisation.
+        out: where to write (default: ``results``; required with several sweeps).
         png: try the static PNG export (plotly needs ``kaleido`` and a Chrome); a failure is recorded, not raised.
 
     Returns:
         The summary, with ``files`` naming what was written and ``png_skipped`` the reason a PNG was not.
     """
-    settings, rows, method_runs = load_sweep(results)
+    several = not isinstance(results, (str, os.PathLike))
+    if several and len(results) > 1 and out is None:
+        raise ValueError("out is required when results names several sweeps")
+    settings, rows, method_runs = load_sweeps(results if several else [results])
+    if several:
+        results = results[0]
     if not rows:
         raise ValueError(f"results {str(results)!r} holds no result rows yet; run the sweep first")
     out = Path(out if out is not None else results).expanduser()
