@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP_ENV = "PARETOALIGN_SWEEP"
-DEFAULT_SWEEP_DIR = ROOT / "results" / "steering" / "context-test" / "harmful"  # the shipped checkpoint's test sweep on harmful prompts
+DEFAULT_SWEEP_DIR = ROOT / "results" / "steering" / "product-test" / "harmful"  # the shipped checkpoint's test sweep on harmful prompts
 SUMMARY_NAME = "summary.json"
 MAX_PROMPT_CHARS = 4000
 MAX_PROMPT_TOKENS = 1024
