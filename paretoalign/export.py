@@ -320,10 +320,10 @@ def export_run(run_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, pr
         raise FileNotFoundError(f"run {str(run_dir)!r} has no finished model in {str(model_dir)!r}")
     model = DualHeadModel.from_pretrained(model_dir)
     config = json.loads((run_dir / "train_config.json").read_text())
-    settings = dict(
-        max_pairs=max_pairs, max_length=config["max_length"], max_prompt_length=config["max_prompt_length"],
-        feature_cache=feature_cache_root(config.get("feature_cache")), feature_dtype=config.get("feature_dtype", "float32"),
-    )
+    settings = {
+        "max_pairs": max_pairs, "max_length": config["max_length"], "max_prompt_length": config["max_prompt_length"],
+        "feature_cache": feature_cache_root(config.get("feature_cache")), "feature_dtype": config.get("feature_dtype", "float32"),
+    }
     results = held_out_accuracy(model, progress=progress, **settings)
     conflicts = None
     if config.get("teacher_objectives") or config.get("onpolicy"):  # the run had teachers: refit them from its caches

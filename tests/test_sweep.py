@@ -306,7 +306,7 @@ def test_report_files_and_json(tmp_path, capsys):
 
 def test_several_sweeps_share_one_normalisation(tmp_path, capsys):
     write_crafted(tmp_path / "one")
-    settings, rows, runs = crafted_sweep()
+    settings, rows, _ = crafted_sweep()
     (tmp_path / "two").mkdir()
     (tmp_path / "two" / sweep.SETTINGS_NAME).write_text(json.dumps({**settings, "methods": ["a"]}))
     shifted = [{**row, "scores": {k: v + 1 for k, v in row["scores"].items()}} for row in rows if row["method"] == "a"]

@@ -304,7 +304,7 @@ def test_conflict_pairs_follow_the_preference_or_not(backbone, tokenizer, small_
     conflicts = export_module.held_out_conflicts(model, teachers, progress=False, **settings)
     assert conflicts["harmlessness-vs-helpfulness"] == {"pairs": 0}
     entry = conflicts["helpfulness-vs-harmlessness"]
-    first, uniform, second = accuracy["helpfulness"]  # at (1, 0), (0.5, 0.5), (0, 1)
+    first, _, second = accuracy["helpfulness"]  # at (1, 0), (0.5, 0.5), (0, 1)
     assert entry["pairs"] == first["n"]
     assert entry["agrees-with-helpfulness@1,0"] == pytest.approx(first["accuracy"])
     assert entry["agrees-with-harmlessness@0,1"] == pytest.approx(1.0 - second["accuracy"])

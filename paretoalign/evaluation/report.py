@@ -324,7 +324,10 @@ def load_sweeps(directories: Sequence[str | os.PathLike]) -> tuple[dict, list[di
             counts[method] = counts.get(method, 0) + 1
     # a folder named like the prompt set ("harmful") is told apart by its parent's name
     names = {d: d.name if len({x.name for x in directories}) == len(directories) else f"{d.parent.name}/{d.name}" for d in directories}
-    rename = lambda method, directory: method if counts.get(method, 0) <= 1 else f"{method} ({names[directory]})"  # noqa: E731
+
+    def rename(method: str, directory: Path) -> str:
+        return method if counts.get(method, 0) <= 1 else f"{method} ({names[directory]})"
+
     rows = [{**row, "method": rename(row["method"], d)} for d, _, found, _ in loaded for row in found]
     runs = [{**run, "method": rename(run["method"], d)} for d, _, _, found in loaded for run in found]
     methods = list(dict.fromkeys(rename(m, d) for d, found, _, _ in loaded for m in found["methods"]))
