@@ -293,7 +293,7 @@ def _add_report(subparsers) -> None:
 def run_report(args: argparse.Namespace) -> int:
     from .evaluation.report import json_summary, write_report
 
-    summary = write_report(args.results if len(args.results) > 1 else args.results[0], args.out, png=not args.no_png)
+    summary = write_report(args.results, args.out, png=not args.no_png)
     if args.json:
         print(json.dumps(json_summary(summary), ensure_ascii=False))
         return 0

@@ -13,7 +13,7 @@ from .batches import add_pair_sequences
 from .data import PreferenceCollator, load_default_pairs, split_pools
 from .features import build_feature_cache, feature_cache_root
 from .model import CONFIG_NAME, WEIGHTS_NAME, DualHeadModel
-from .objective import arm_accuracy
+from .objective import arm_accuracy, pair_margins
 from .teachers import pooled_replies
 
 
@@ -34,13 +34,16 @@ def held_out_accuracy(
     preferences = card_preferences(len(model.objectives))
     results = {}
     for objective, pairs in held_out_pairs(model.objectives, split, split_seed, max_pairs).items():
-        sources = sorted({pair.source for pair in pairs})
-        groups = {source: [pair for pair in pairs if pair.source == source] for source in sources}
-        by_source = {source: arm_accuracy(model, group, preferences, progress=progress, **kwargs) for source, group in groups.items()}
+        by_source = {source: arm_accuracy(model, group, preferences, progress=progress, **kwargs) for source, group in _by_source(pairs).items()}
         results[objective] = [_pooled([found[slot] for found in by_source.values()]) for slot in range(len(preferences))]
         if len(by_source) > 1:
             results.update({f"{objective} · {source}": found for source, found in by_source.items()})
     return results
+
+
+def _by_source(pairs: list) -> dict:
+    """``{source: pairs}`` in source order, each keeping the pairs' order: the groups the card scores (and caches)."""
+    return {source: [pair for pair in pairs if pair.source == source] for source in sorted({pair.source for pair in pairs})}
 
 
 def held_out_pairs(objectives, split: str = "test", split_seed: int = 0, max_pairs: int | None = None) -> dict:
@@ -81,26 +84,32 @@ def held_out_conflicts(
     """
     collator = PreferenceCollator(model.tokenizer, max_length, max_prompt_length)
     one_hot = {name: [float(name == other) for other in model.objectives] for name in model.objectives}
-    results = {}
+    settings = {"max_length": max_length, "max_prompt_length": max_prompt_length, "feature_cache": feature_cache, "feature_dtype": feature_dtype}
+    counts: dict[tuple[str, str], list[int]] = {}  # (objective, teacher): [conflict pairs, head with objective, head with teacher]
     for objective, pairs in held_out_pairs(model.objectives, split, split_seed, max_pairs).items():
-        sequences: list[list[int]] = []
-        index = add_pair_sequences(collator, pairs, sequences)
-        cache = build_feature_cache(model, sequences, feature_cache, progress=progress, compute_dtype=feature_dtype)
-        chosen, rejected = (pooled_replies(cache, rows, index.prompt_length) for rows in (index.chosen, index.rejected))
-        for name, teacher in teachers.items():
-            if name == objective or name not in one_hot:
-                continue
-            margins = teacher.margin(chosen, rejected)  # (n,) > 0: the teacher agrees with the human label
-            conflict = [pairs[i] for i in np.flatnonzero((np.abs(margins) >= teacher.threshold) & (margins < 0))]
-            entry = {"pairs": len(conflict)}
-            if conflict:
-                own, other = arm_accuracy(
-                    model, conflict, [one_hot[objective], one_hot[name]], max_length=max_length, max_prompt_length=max_prompt_length,
-                    feature_cache=feature_cache, feature_dtype=feature_dtype,
-                )
-                entry[f"agrees-with-{objective}@{_label(one_hot[objective])}"] = own["accuracy"]
-                entry[f"agrees-with-{name}@{_label(one_hot[name])}"] = 1.0 - other["accuracy"]  # margin <= 0: the teacher's side
-            results[f"{objective}-vs-{name}"] = entry
+        for group in _by_source(pairs).values():  # the groups held_out_accuracy scored: their caches are reused
+            sequences: list[list[int]] = []
+            index = add_pair_sequences(collator, group, sequences)
+            cache = build_feature_cache(model, sequences, feature_cache, progress=progress, compute_dtype=feature_dtype)
+            chosen, rejected = (pooled_replies(cache, rows, index.prompt_length) for rows in (index.chosen, index.rejected))
+            for name, teacher in teachers.items():
+                if name == objective or name not in one_hot:
+                    continue
+                margins = teacher.margin(chosen, rejected)  # (n,) > 0: the teacher agrees with the human label
+                conflict = (np.abs(margins) >= teacher.threshold) & (margins < 0)  # (n,)
+                count = counts.setdefault((objective, name), [0, 0, 0])
+                if conflict.any():
+                    own, other = (np.asarray(m)[conflict] for m in pair_margins(model, group, [one_hot[objective], one_hot[name]], **settings))
+                    count[0] += int(conflict.sum())
+                    count[1] += int((own > 0).sum())
+                    count[2] += int((other <= 0).sum())  # margin <= 0: the teacher's side
+    results = {}
+    for (objective, name), (n, with_objective, with_teacher) in counts.items():
+        entry = {"pairs": n}
+        if n:
+            entry[f"agrees-with-{objective}@{_label(one_hot[objective])}"] = with_objective / n
+            entry[f"agrees-with-{name}@{_label(one_hot[name])}"] = with_teacher / n
+        results[f"{objective}-vs-{name}"] = entry
     return results
 
 

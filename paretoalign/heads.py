@@ -13,8 +13,8 @@ from .blocks import add_attention_pblora, bind_preference, decoder_stack, run_bl
 from .pblora import PBLoRAConfig, PBLoRALinear
 
 REWARD_HEAD_KINDS = ("pblora", "hidden", "full_rank", "lora")
-REWARD_CONTEXTS = ("none", "prompt", "prompt-product")
-CONTEXT_WIDTHS = {"none": 1, "prompt": 2, "prompt-product": 3}  # adapter input width, in hidden sizes
+CONTEXT_WIDTHS = {"none": 1, "prompt": 2, "prompt-product": 3}  # what the adapter reads, in hidden sizes
+REWARD_CONTEXTS = tuple(CONTEXT_WIDTHS)
 
 
 def prompt_context(hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:

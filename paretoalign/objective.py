@@ -129,6 +129,34 @@ def score_pairs(
 
 
 @torch.no_grad()
+def pair_margins(
+    model: DualHeadModel,
+    pairs: Sequence[PreferencePair],
+    preferences: Sequence[Sequence[float]],
+    batch_pairs: int = 8,
+    max_length: int = 512,
+    max_prompt_length: int = 384,
+    progress: bool = False,
+    feature_cache: str | os.PathLike | None = None,
+    feature_dtype: str = "float32",
+) -> list[list[float]]:
+    """Per preference, every pair's reward margin ``R(chosen) - R(rejected)`` (one list of ``len(pairs)`` per
+    preference), every preference scored from the same hidden states; arguments as :func:`arm_accuracy`."""
+    if not pairs:
+        raise ValueError("pairs is empty: nothing to measure")
+    if not isinstance(batch_pairs, int) or batch_pairs < 1:
+        raise ValueError(f"batch_pairs must be a positive integer, got {batch_pairs!r}")
+    collator = PreferenceCollator(model.tokenizer, max_length, max_prompt_length)
+    model.eval()
+    margins: list[list[float]] = [[] for _ in preferences]
+    for batch in _pair_batches(model, collator, list(pairs), batch_pairs, progress, feature_cache, feature_dtype):
+        for index, preference in enumerate(preferences):
+            rows = model.preference_batch(preference, batch.input_ids.shape[0])  # (2B, k)
+            chosen, rejected = score_pairs(model, batch, rows, fused=False).chosen_and_rejected()
+            margins[index].extend((chosen - rejected).tolist())
+    return margins
+
+
 def arm_accuracy(
     model: DualHeadModel,
     pairs: Sequence[PreferencePair],
@@ -150,18 +178,9 @@ def arm_accuracy(
     ``"bfloat16"`` reads a bf16-computed cache). Without it the backbone runs once per pair and nothing is written.
     Returns one ``{"preference", "accuracy", "n", "mean_margin"}`` per preference.
     """
-    if not pairs:
-        raise ValueError("pairs is empty: nothing to measure")
-    if not isinstance(batch_pairs, int) or batch_pairs < 1:
-        raise ValueError(f"batch_pairs must be a positive integer, got {batch_pairs!r}")
-    collator = PreferenceCollator(model.tokenizer, max_length, max_prompt_length)
-    model.eval()
-    margins: list[list[float]] = [[] for _ in preferences]
-    for batch in _pair_batches(model, collator, list(pairs), batch_pairs, progress, feature_cache, feature_dtype):
-        for index, preference in enumerate(preferences):
-            rows = model.preference_batch(preference, batch.input_ids.shape[0])  # (2B, k)
-            chosen, rejected = score_pairs(model, batch, rows, fused=False).chosen_and_rejected()
-            margins[index].extend((chosen - rejected).tolist())
+    margins = pair_margins(
+        model, pairs, preferences, batch_pairs, max_length, max_prompt_length, progress, feature_cache, feature_dtype
+    )
     return [
         {
             "preference": [float(w) for w in preference],

@@ -323,7 +323,8 @@ def load_sweeps(directories: Sequence[str | os.PathLike]) -> tuple[dict, list[di
         for method in {row["method"] for row in rows}:
             counts[method] = counts.get(method, 0) + 1
     # a folder named like the prompt set ("harmful") is told apart by its parent's name
-    names = {d: d.name if len({x.name for x in directories}) == len(directories) else f"{d.parent.name}/{d.name}" for d in directories}
+    distinct = len({d.name for d in directories}) == len(directories)
+    names = {d: d.name if distinct else f"{d.parent.name}/{d.name}" for d in directories}
 
     def rename(method: str, directory: Path) -> str:
         return method if counts.get(method, 0) <= 1 else f"{method} ({names[directory]})"
