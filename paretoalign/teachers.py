@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .batches import OnPolicyGroup, PairIndex
+from .evaluation.refusal import is_refusal
 from .features import FeatureCache
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,10 @@ def label_onpolicy(
         rules: labels by construction, instead of a teacher's: each ``{"objectives": [...], "sources": [...],
             "prefer": folder, "over": folder}`` says that, for those objectives and prompts of those sources, a reply
             sampled into ``prefer`` beats one sampled into ``over`` (e.g. on benign prompts a free reply beats one
-            sampled from a declining opening); such pairs always carry the rule's label.
+            sampled from a declining opening); such pairs always carry the rule's label. An optional ``"refuses":
+            "prefer"`` (or ``"over"``) narrows a rule to the pairs where the keyword refusal detector
+            (:func:`paretoalign.evaluation.refusal.is_refusal`) says that reply declines and the other does not, so a
+            declining opening that went on to comply, or a free reply that declined, is not labelled by its folder.
 
     Returns:
         ``{objective: PairIndex}`` of the pairs oriented to that teacher's label; the replies' teacher rewards
@@ -165,11 +169,18 @@ def label_onpolicy(
     first, second, prompt_length = np.array(first, dtype=np.int64), np.array(second, dtype=np.int64), np.array(prompt_length)
     source = np.array(source, dtype=object)
     ruled = {name: np.zeros(len(first)) for name in teachers}  # (pairs,) per objective: +1 / -1 by a rule, 0: none
+    refused = None
     for rule in rules or []:
         prefer, over = Path(rule["prefer"]), Path(rule["over"])
         where = np.array([pair in ((prefer, over), (over, prefer)) for pair in folders], dtype=bool)
         where &= np.isin(source, rule["sources"])
         sign = np.array([1.0 if a == prefer else -1.0 for a, _ in folders]) if folders else np.zeros(0)
+        if rule.get("refuses"):
+            if refused is None:  # (R,) the detector's verdict on every reply
+                refused = np.array([is_refusal(text) for group in groups for text in group.texts], dtype=bool)
+            preferred, other = np.where(sign > 0, first, second), np.where(sign > 0, second, first)
+            declining, complying = (preferred, other) if rule["refuses"] == "prefer" else (other, preferred)
+            where &= refused[declining] & ~refused[complying]
         if not where.any():
             logger.warning("on-policy rule %s labels no pair: no prompt of those sources has replies in both folders", rule)
         for name in rule["objectives"]:

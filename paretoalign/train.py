@@ -52,6 +52,7 @@ DEFAULT_TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "def
 
 
 GATE_OBJECTIVES = ("lm", "preference", "both")
+RULE_KEYS = ("objectives", "sources", "prefer", "over", "refuses")  # onpolicy_rules entries; refuses is optional
 
 
 @dataclass
@@ -152,7 +153,8 @@ class TrainConfig:
             "help": 'labels by construction for on-policy pairs between two folders, e.g. [{"objectives": ["helpfulness", '
             '"harmlessness"], "sources": ["helpful-base"], "prefer": "data/onpolicy/benign", "over": '
             '"data/onpolicy/benign-declines"}]: on benign prompts a free reply beats one sampled from a declining opening; '
-            "they replace the teachers' labels of those pairs"
+            "they replace the teachers' labels of those pairs; an optional \"refuses\": \"prefer\" (or \"over\") keeps only "
+            "the pairs where the keyword refusal detector says that reply declines and the other does not"
         },
     )
     teacher_accuracy: float = field(
@@ -238,8 +240,10 @@ class TrainConfig:
             )
         for number, rule in enumerate(self.onpolicy_rules, start=1):
             problem = None
-            if not isinstance(rule, dict) or set(rule) != {"objectives", "sources", "prefer", "over"}:
-                problem = "must have exactly the keys objectives, sources, prefer, over"
+            if not isinstance(rule, dict) or not {"objectives", "sources", "prefer", "over"} <= set(rule) <= set(RULE_KEYS):
+                problem = f"must have the keys objectives, sources, prefer, over and may have refuses, got keys {sorted(rule) if isinstance(rule, dict) else None}"
+            elif rule.get("refuses", "prefer") not in ("prefer", "over"):
+                problem = "refuses must be 'prefer' or 'over'"
             elif not isinstance(rule["objectives"], list) or not rule["objectives"] or any(n not in self.objectives for n in rule["objectives"]):
                 problem = f"objectives must be a non-empty list of {self.objectives}"
             elif not isinstance(rule["sources"], list) or not rule["sources"]:
