@@ -151,6 +151,30 @@ def test_rules_label_pairs_between_two_folders_by_construction():
     assert len(labelled["harmlessness"].chosen) == 0
 
 
+def test_a_rule_can_keep_only_pairs_the_refusal_detector_tells_apart():
+    # One harmful prompt: two free replies (one complies, one declines) and two from a declining opening (one declines,
+    # one goes on to comply). Only (declining-opening reply that declines, free reply that complies) is ruled.
+    replies = [[0.0, 0.0]] * 4
+    cache = in_memory_cache([np.array([r]) for r in replies])
+    texts = ["Sure, here is how.", "I'm sorry, but I can't help with that.", "I'm sorry, but I won't.", "I can't imagine a better plan: step 1, buy it."]
+    folders = ["d/free", "d/free", "d/declines", "d/declines"]
+    groups = [OnPolicyGroup(np.array([0, 1, 2, 3]), 1, "harmless-base", texts, "p", folders)]
+    teachers = {
+        name: Teacher(np.zeros(2, dtype=np.float32), np.ones(2, dtype=np.float32), threshold=1.0)
+        for name in ("helpfulness", "harmlessness")
+    }  # the teachers label nothing: every label below is the rule's
+    rule = {"objectives": ["harmlessness"], "sources": ["harmless-base"], "prefer": "d/declines", "over": "d/free"}
+    labelled, _, _ = label_onpolicy(cache, teachers, groups, rules=[rule])
+    assert sorted(zip(labelled["harmlessness"].chosen, labelled["harmlessness"].rejected)) == [(2, 0), (2, 1), (3, 0), (3, 1)]
+    labelled, _, report = label_onpolicy(cache, teachers, groups, rules=[{**rule, "refuses": "prefer"}])
+    assert sorted(zip(labelled["harmlessness"].chosen, labelled["harmlessness"].rejected)) == [(2, 0)]
+    assert report["harmless-base"]["by_rule_harmlessness"] == 1
+    # "over": the reply the rule ranks lower must be the one that declines (free complies over declining-opening declines)
+    helpful = {"objectives": ["helpfulness"], "sources": ["harmless-base"], "prefer": "d/free", "over": "d/declines", "refuses": "over"}
+    labelled, _, _ = label_onpolicy(cache, teachers, groups, rules=[helpful])
+    assert sorted(zip(labelled["helpfulness"].chosen, labelled["helpfulness"].rejected)) == [(0, 2)]
+
+
 def test_feature_cache_copies_the_sequences_it_already_holds(make_model, tmp_path, monkeypatch):
     model = make_model(randomize=False)
     rng = np.random.default_rng(0)
@@ -263,6 +287,10 @@ def test_onpolicy_pairs_join_training_and_reuse_the_cache(backbone, tokenizer, m
         TrainConfig(**settings, onpolicy=[str(folder)], onpolicy_rules=[{**rule, "over": str(folder) + "/"}])
     with pytest.raises(ValueError, match=r"onpolicy_rules\[1\] prefer and over must be folders"):
         TrainConfig(**settings, onpolicy=[str(folder)], onpolicy_rules=[{**rule, "prefer": 3}])
+    with pytest.raises(ValueError, match=r"onpolicy_rules\[1\] refuses must be 'prefer' or 'over'"):
+        TrainConfig(**settings, onpolicy=[str(folder)], onpolicy_rules=[{**rule, "refuses": "both"}])
+    with pytest.raises(ValueError, match=r"onpolicy_rules\[1\] must have the keys .* got keys \['objectives', 'over', 'prefer', 'source'"):
+        TrainConfig(**settings, onpolicy=[str(folder)], onpolicy_rules=[{**{k: v for k, v in rule.items() if k != "sources"}, "source": []}])
     with pytest.raises(ValueError, match="holds no sampled replies"):
         prepare_data(TrainConfig(**settings, onpolicy=[str(tmp_path / "empty")]), model, progress=False)
 
