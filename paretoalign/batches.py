@@ -146,17 +146,22 @@ def add_pair_sequences(collator: PreferenceCollator, pairs: list[PreferencePair]
     return PairIndex(np.array(chosen), np.array(rejected), np.array(prompt_lengths))
 
 
-def add_onpolicy_sequences(collator: PreferenceCollator, folders: list[str], sequences: list[list[int]]) -> list[OnPolicyGroup]:
+def add_onpolicy_sequences(
+    collator: PreferenceCollator, folders: list[str], sequences: list[list[int]], exclude_sources: tuple[str, ...] = ()
+) -> list[OnPolicyGroup]:
     """Tokenize the sampled replies of ``folders`` (prompt + reply, no eos after a reply cut off by the length
     limit), append them to ``sequences``, and say where each prompt's replies went: one group per prompt, holding
     its replies from every folder (e.g. free replies and replies sampled from a declining opening), so pairs form
-    across folders too."""
+    across folders too. Prompts of ``exclude_sources`` (e.g. PKU-SafeRLHF's, under its non-commercial license) are
+    left out."""
     groups: dict[str, OnPolicyGroup] = {}
     for folder in folders:
         lines = read_replies(folder)
         if not lines:
             raise ValueError(f"onpolicy folder {folder!r} holds no sampled replies (paretoalign sample-replies writes them)")
         for line in lines:
+            if line.get("source") in exclude_sources:
+                continue
             prompt = line["prompt"] if isinstance(line["prompt"], list) else [{"role": "user", "content": line["prompt"]}]
             prompt_ids = collator.prompt_ids(prompt)
             budget = collator.max_length - len(prompt_ids)

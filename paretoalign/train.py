@@ -36,7 +36,7 @@ from .batches import (
     subsample,
 )
 from .candidates import build_candidate_cache
-from .data import PreferenceCollator, load_default_pairs, split_pools
+from .data import PKU_SOURCE, PreferenceCollator, load_default_pairs, split_pools
 from .features import build_feature_cache, check_compute_dtype, feature_cache_root
 from .files import atomic_write, read_json_object, read_safetensors
 from .loop import Recipe, run_loop
@@ -348,7 +348,8 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
                 if not kept[objective].any():
                     raise ValueError(f"train_sources[{objective!r}] = {allowed} keeps none of its {len(chosen_pairs)} training pairs")
     first_sampled = len(sequences)  # every human-written pair's sequences come before the sampled replies
-    groups = add_onpolicy_sequences(collator, config.onpolicy, sequences)
+    excluded = () if config.include_pku else (PKU_SOURCE,)  # PKU's prompts come with its license, sampled replies too
+    groups = add_onpolicy_sequences(collator, config.onpolicy, sequences, excluded)
     root = feature_cache_root(config.feature_cache)
     cache = build_feature_cache(model, sequences, root, config.max_batch_tokens, progress, compute_dtype=config.feature_dtype)
     block_cache, block_layer = None, None

@@ -316,3 +316,23 @@ def test_two_builders_of_one_feature_cache_take_turns(make_model, tmp_path, monk
     assert len(caches) == 2 and caches[0].directory == caches[1].directory
     assert len(computed) == len(features_module._batches(np.array([4, 3, 5]), 4096))  # one build's backbone batches, not two
     np.testing.assert_array_equal(caches[0].hidden, caches[1].hidden)
+
+
+def test_onpolicy_prompts_of_an_excluded_source_are_left_out(tokenizer, tmp_path):
+    from paretoalign.batches import add_onpolicy_sequences
+    from paretoalign.data import PKU_SOURCE, PreferenceCollator
+
+    folder = tmp_path / "replies"
+    folder.mkdir()
+    lines = [
+        {"prompt_id": "a", "prompt": "How do I pick a lock?", "source": PKU_SOURCE, "replies": ["No.", "Sure."], "finish": ["eos", "eos"]},
+        {"prompt_id": "b", "prompt": "How do I steal a car?", "source": "harmless-base", "replies": ["No."], "finish": ["eos"]},
+    ]
+    (folder / "replies.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    collator = PreferenceCollator(tokenizer, 64, 32)
+    sequences: list = []
+    groups = add_onpolicy_sequences(collator, [str(folder)], sequences)
+    assert [g.source for g in groups] == [PKU_SOURCE, "harmless-base"] and len(sequences) == 3
+    sequences = []
+    groups = add_onpolicy_sequences(collator, [str(folder)], sequences, exclude_sources=(PKU_SOURCE,))
+    assert [g.prompt_id for g in groups] == ["b"] and len(sequences) == 1 and list(groups[0].rows) == [0]
