@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .batches import OnPolicyGroup, PairIndex
-from .evaluation.refusal import is_refusal
+from .refusal import is_refusal
 from .features import FeatureCache
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def label_onpolicy(
             sampled into ``prefer`` beats one sampled into ``over`` (e.g. on benign prompts a free reply beats one
             sampled from a declining opening); such pairs always carry the rule's label. An optional ``"refuses":
             "prefer"`` (or ``"over"``) narrows a rule to the pairs where the keyword refusal detector
-            (:func:`paretoalign.evaluation.refusal.is_refusal`) says that reply declines and the other does not, so a
+            (:func:`paretoalign.refusal.is_refusal`) says that reply declines and the other does not, so a
             declining opening that went on to comply, or a free reply that declined, is not labelled by its folder.
 
     Returns:

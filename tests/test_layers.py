@@ -7,7 +7,7 @@ import paretoalign
 
 # Lowest first; a module may import from its own layer and the ones before it.
 LAYERS = [
-    {"files", "preference", "data"},
+    {"files", "preference", "data", "refusal"},
     {"backbone"},
     {"pblora", "blocks", "heads", "model", "static_step"},
     {"features", "candidates", "batches", "losses"},

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from paretoalign.evaluation.refusal import is_refusal
+from paretoalign.refusal import is_refusal
 from paretoalign.evaluation.steering import (
     bootstrap_interval,
     repeated_ngram_share,

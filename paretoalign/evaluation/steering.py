@@ -2,7 +2,7 @@
 
 A steering evaluation is two sweep directories over the same methods and grid: one on harmful prompts, one on
 benign prompts (:func:`write_steering_prompts` makes both from a split of the vendored data). Per method and
-preference it reports the refusal share (:mod:`~paretoalign.evaluation.refusal`) with a bootstrap 95% interval,
+preference it reports the refusal share (:mod:`~paretoalign.refusal`) with a bootstrap 95% interval,
 the scorer's mean rewards, the repeated-4-gram share, the base model's mean per-token NLL of the answers, and the
 share of prompts whose answer changes with the preference; and the selective-steering statistic
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..files import atomic_write
-from .refusal import is_refusal
+from ..refusal import is_refusal
 from .sweep import RESULTS_NAME, append_rows, prompt_id, read_results, row_key
 
 NLL_NAME = "base_nll.jsonl"
