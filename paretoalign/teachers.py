@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from .batches import OnPolicyGroup, PairIndex
-from .refusal import is_refusal
 from .features import FeatureCache
+from .refusal import is_refusal
 
 logger = logging.getLogger(__name__)
 
