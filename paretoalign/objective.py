@@ -141,7 +141,15 @@ def pair_margins(
     feature_dtype: str = "float32",
 ) -> list[list[float]]:
     """Per preference, every pair's reward margin ``R(chosen) - R(rejected)`` (one list of ``len(pairs)`` per
-    preference), every preference scored from the same hidden states; arguments as :func:`arm_accuracy`."""
+    preference), every preference scored from the same hidden states.
+
+    With ``feature_cache`` (a folder, e.g. the user cache ``~/.cache/paretoalign/features`` that training uses), the
+    backbone's states come from a feature cache of these pairs' sequences, built once
+    (:func:`~paretoalign.features.build_feature_cache` copies every sequence another cache there already holds): a
+    second evaluation of the same pairs, at other preferences or with other heads on the same backbone, skips the
+    backbone; ``feature_dtype`` is the precision of that cache's build (as in training: ``"bfloat16"`` reads a
+    bf16-computed cache). Without it the backbone runs once per pair and nothing is written.
+    """
     if not pairs:
         raise ValueError("pairs is empty: nothing to measure")
     if not isinstance(batch_pairs, int) or batch_pairs < 1:
@@ -157,30 +165,11 @@ def pair_margins(
     return margins
 
 
-def arm_accuracy(
-    model: DualHeadModel,
-    pairs: Sequence[PreferencePair],
-    preferences: Sequence[Sequence[float]],
-    batch_pairs: int = 8,
-    max_length: int = 512,
-    max_prompt_length: int = 384,
-    progress: bool = False,
-    feature_cache: str | os.PathLike | None = None,
-    feature_dtype: str = "float32",
-) -> list[dict]:
-    """How often the reward head gives the chosen reply the higher reward, at each of ``preferences``.
-
-    Scores every preference from the same hidden states. With ``feature_cache`` (a folder, e.g. the user cache
-    ``~/.cache/paretoalign/features`` that training uses), the backbone's states come from a feature cache of these
-    pairs' sequences, built once (:func:`~paretoalign.features.build_feature_cache` copies every sequence another
-    cache there already holds): a second evaluation of the same pairs, at other preferences or with other heads on
-    the same backbone, skips the backbone; ``feature_dtype`` is the precision of that cache's build (as in training:
-    ``"bfloat16"`` reads a bf16-computed cache). Without it the backbone runs once per pair and nothing is written.
-    Returns one ``{"preference", "accuracy", "n", "mean_margin"}`` per preference.
-    """
-    margins = pair_margins(
-        model, pairs, preferences, batch_pairs, max_length, max_prompt_length, progress, feature_cache, feature_dtype
-    )
+def arm_accuracy(model: DualHeadModel, pairs: Sequence[PreferencePair], preferences: Sequence[Sequence[float]], **options) -> list[dict]:
+    """How often the reward head gives the chosen reply the higher reward, at each of ``preferences``: one
+    ``{"preference", "accuracy", "n", "mean_margin"}`` per preference, from :func:`pair_margins` (``options``: its
+    batching, lengths, progress and feature cache)."""
+    margins = pair_margins(model, pairs, preferences, **options)
     return [
         {
             "preference": [float(w) for w in preference],

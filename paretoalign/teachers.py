@@ -182,7 +182,10 @@ def label_onpolicy(
             declining, complying = (preferred, other) if rule["refuses"] == "prefer" else (other, preferred)
             where &= refused[declining] & ~refused[complying]
         if not where.any():
-            logger.warning("on-policy rule %s labels no pair: no prompt of those sources has replies in both folders", rule)
+            logger.warning(
+                "on-policy rule %s labels no pair: no prompt of those sources has replies in both folders%s",
+                rule, " that the refusal detector tells apart" if rule.get("refuses") else "",
+            )
         for name in rule["objectives"]:
             ruled[name] = np.where(where, sign, ruled[name])
     labelled, labels = {}, {}

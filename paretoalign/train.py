@@ -52,7 +52,8 @@ DEFAULT_TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "def
 
 
 GATE_OBJECTIVES = ("lm", "preference", "both")
-RULE_KEYS = ("objectives", "sources", "prefer", "over", "refuses")  # onpolicy_rules entries; refuses is optional
+RULE_KEYS = ("objectives", "sources", "prefer", "over")  # every onpolicy_rules entry has these
+RULE_OPTIONS = {"refuses": ("prefer", "over")}  # and may have these, with one of those values
 
 
 @dataclass
@@ -240,10 +241,11 @@ class TrainConfig:
             )
         for number, rule in enumerate(self.onpolicy_rules, start=1):
             problem = None
-            if not isinstance(rule, dict) or not {"objectives", "sources", "prefer", "over"} <= set(rule) <= set(RULE_KEYS):
-                problem = f"must have the keys objectives, sources, prefer, over and may have refuses, got keys {sorted(rule) if isinstance(rule, dict) else None}"
-            elif rule.get("refuses", "prefer") not in ("prefer", "over"):
-                problem = "refuses must be 'prefer' or 'over'"
+            if not isinstance(rule, dict) or not set(RULE_KEYS) <= set(rule) <= {*RULE_KEYS, *RULE_OPTIONS}:
+                keys = sorted(rule) if isinstance(rule, dict) else None
+                problem = f"must have the keys {', '.join(RULE_KEYS)} and may have {', '.join(RULE_OPTIONS)}, got keys {keys}"
+            elif any(key in rule and rule[key] not in values for key, values in RULE_OPTIONS.items()):
+                problem = " and ".join(f"{key} must be {' or '.join(map(repr, values))}" for key, values in RULE_OPTIONS.items())
             elif not isinstance(rule["objectives"], list) or not rule["objectives"] or any(n not in self.objectives for n in rule["objectives"]):
                 problem = f"objectives must be a non-empty list of {self.objectives}"
             elif not isinstance(rule["sources"], list) or not rule["sources"]:
