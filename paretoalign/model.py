@@ -326,6 +326,38 @@ class DualHeadModel(nn.Module):
         tokens, ``(B, T, d)``, ``(B, T)`` -> ``(B, d)``; ``None`` for a head without a context."""
         return prompt_context(hidden, prompt_mask) if self.config.reward_context != "none" else None
 
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """z_LM: the frozen LM head's logits of final states ``(..., d)``, in float32 ``(..., V)``."""
+        return self.backbone.get_output_embeddings()(hidden).float()
+
+    def reward_shift(
+        self,
+        reward_hidden: torch.Tensor,
+        preference: torch.Tensor,
+        tokens: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """z_RM − z_LM at a few tokens per position, ``(N, C)``, without a vocabulary-wide product.
+
+        ``reward_hidden`` ``(N, d)``: what the reward head reads (:meth:`reward_hidden`); ``tokens`` ``(N, C)`` ids;
+        ``hidden`` ``(N, d)``: the backbone's final state where the reward head reads a branch's own (``None`` when
+        they are the same); ``context`` ``(N, d)``: :meth:`prompt_context`'s, row by row. See
+        :meth:`RewardHead.candidate_shift`.
+        """
+        return self.reward_head.candidate_shift(reward_hidden, preference, tokens, hidden, context)
+
+    def gate(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        preference: torch.Tensor,
+        gate_cache: GateCache | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, GateCache | None]:
+        """alpha_t over final states ``(B, T, d)``: ``(B, T)`` (``last_only``: ``(B, 1)``) and the gate's key/value cache."""
+        return self.context_gate(hidden.float(), attention_mask, preference, gate_cache, last_only)
+
     def reward_logits(
         self,
         reward_hidden: torch.Tensor,
@@ -339,8 +371,7 @@ class DualHeadModel(nn.Module):
         otherwise it is computed here (the branch's state needs its own). ``context``: :meth:`prompt_context`'s.
         """
         if lm_logits is None:
-            lm_head = self.backbone.get_output_embeddings()
-            lm_logits = lm_head(reward_hidden.to(lm_head.weight.dtype)).float()  # (..., V)
+            lm_logits = self.lm_logits(reward_hidden.to(self.backbone.get_output_embeddings().weight.dtype))  # (..., V)
         return self.reward_head(reward_hidden.float(), lm_logits, preference, context)  # (..., V)
 
     def heads(
@@ -365,10 +396,10 @@ class DualHeadModel(nn.Module):
         reward_hidden = hidden if reward_hidden is None else reward_hidden
         hidden_out = hidden[:, -1:] if last_only else hidden  # (B, T', d)
         reward_out = reward_hidden[:, -1:] if last_only else reward_hidden  # (B, T', d)
-        lm_logits = self.backbone.get_output_embeddings()(hidden_out).float()  # (B, T', V)
+        lm_logits = self.lm_logits(hidden_out)  # (B, T', V)
         shared = lm_logits if reward_hidden is hidden else None  # the LM head's read-out of the same state
         reward_logits = self.reward_logits(reward_out, preference, shared, context)  # (B, T', V)
-        alpha, gate_cache = self.context_gate(hidden.float(), attention_mask, preference, gate_cache, last_only)  # (B, T')
+        alpha, gate_cache = self.gate(hidden, attention_mask, preference, gate_cache, last_only)  # (B, T')
         logits = fuse_logits(lm_logits, reward_logits, alpha, fusion, strength)  # (B, T', V)
         return DualHeadOutput(lm_logits, reward_logits, alpha, logits), gate_cache
 
@@ -401,13 +432,13 @@ class DualHeadModel(nn.Module):
             logits = restrict_to_base_top_k(output.logits[:, -1], output.lm_logits[:, -1], top_k)  # (B, V)
             return logits, output.gate[:, -1], output.lm_logits[:, -1], gate_cache
         last = hidden[:, -1]  # (B, d)
-        lm_logits = self.backbone.get_output_embeddings()(hidden[:, -1:]).float()[:, -1]  # (B, V), as heads() reads it
+        lm_logits = self.lm_logits(hidden[:, -1:])[:, -1]  # (B, V), as heads() reads it
         keep = lm_logits.topk(top_k, dim=-1).indices  # (B, k)
         if reward_hidden is None or reward_hidden is hidden:
-            shift = self.reward_head.candidate_shift(last, preference, keep, context=context)  # (B, k)
+            shift = self.reward_shift(last, preference, keep, context=context)  # (B, k)
         else:  # a reward branch's own state: its change of the state is read out too
-            shift = self.reward_head.candidate_shift(reward_hidden[:, -1], preference, keep, last, context)  # (B, k)
-        alpha, gate_cache = self.context_gate(hidden.float(), attention_mask, preference, gate_cache, True)  # (B, 1)
+            shift = self.reward_shift(reward_hidden[:, -1], preference, keep, last, context)  # (B, k)
+        alpha, gate_cache = self.gate(hidden, attention_mask, preference, gate_cache, True)  # (B, 1)
         alpha = alpha[:, -1]  # (B,)
         kept = lm_logits.gather(-1, keep) + (strength * alpha)[:, None] * shift  # (B, k)
         logits = torch.full_like(lm_logits, float("-inf")).scatter(-1, keep, kept)  # (B, V)

@@ -92,9 +92,7 @@ def score_pairs(
             return candidate_label_logprobs(candidates.logprobs, candidates.tail, change[:, :count], tail_change)
 
         base_selected = selected if branch else None  # z_LM is read from the backbone's state
-        reward_readout = model.reward_head.candidate_shift(
-            reward_selected, preference[rows], candidates.ids, base_selected, context_rows
-        )  # (N, C + S)
+        reward_readout = model.reward_shift(reward_selected, preference[rows], candidates.ids, base_selected, context_rows)  # (N, C + S)
         reward_token_logprobs = renormalised(reward_readout)  # (N,)
         lm_token_logprobs = candidates.logprobs[:, 0]  # (N,)
 
@@ -102,7 +100,7 @@ def score_pairs(
             return renormalised((strength * alpha)[:, None] * change)  # (N,)
 
     else:
-        lm_logits = model.backbone.get_output_embeddings()(selected).float()  # (N, V)
+        lm_logits = model.lm_logits(selected)  # (N, V)
         shared = None if branch else lm_logits  # a branch's state is read out by the reward head itself
         reward_readout = model.reward_logits(
             reward_selected[:, None], preference[rows], None if shared is None else shared[:, None], context_rows
@@ -121,7 +119,7 @@ def score_pairs(
         rewards = rewards / mask.sum(dim=1).clamp(min=1).to(rewards.dtype)  # (2B,) per response token
     if not fused:
         return ResponseScores(rewards, None, rows, None, mask)
-    alpha, _ = model.context_gate(batch.hidden.float(), batch.attention_mask, preference)  # (2B, T)
+    alpha, _ = model.gate(batch.hidden, batch.attention_mask, preference)  # (2B, T)
     # reward_readout: z_RM - z_LM at the candidates and tail samples (N, C + S), or z_RM over the vocabulary (N, V)
     fusion_reward = reward_readout if reward_grad_from_fusion else reward_readout.detach()
     fused_token_logprobs = fused_logprobs(alpha[rows, cols], fusion_reward)  # (N,)
