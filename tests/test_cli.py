@@ -171,7 +171,7 @@ def test_train_options_come_from_the_config_fields_and_override_only_what_is_typ
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"extends": str(Path(__file__).resolve().parents[1] / "configs" / "default.json"), "steps": 7, "learning_rate": 0.5}))
     argv = ["train", "--config", str(config), "--output-dir", str(tmp_path / "run"), "--no-progress"]
-    folders = [f"data/onpolicy/{name}" for name in ("harmful", "benign", "harmful-declines", "benign-declines", "extra")]
+    folders = [f"data/onpolicy/{name}" for name in ("harmful", "benign", "harmful-declines", "benign-declines", "benign-more", "benign-more-declines", "extra")]
     assert main([*argv, "--steps", "3", "--no-include-pku", "--onpolicy", *folders, "--reward-layers", "2"]) == 0
     assert main([*argv, "--candidate_tokens", "0"]) == 0
     typed, untyped = seen
