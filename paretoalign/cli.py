@@ -26,6 +26,10 @@ def _add_generate(subparsers) -> None:
         "--method", default="dualhead",
         help="a registered decoding method: dualhead (default), base, or a baseline (genarm, parm, args, dualhead-unconditioned)",
     )
+    parser.add_argument(
+        "--method-checkpoint", default=None,
+        help="a baseline's own checkpoint (GenARM: a path template holding {objective}, ARMs or reward heads; default: the shipped one)",
+    )
     parser.add_argument("--fusion", default=None, choices=["gate", "genarm"], help="default: the checkpoint's")
     parser.add_argument("--strength", type=float, default=None, help="steering strength (default: the checkpoint's)")
     parser.add_argument("--guidance-top-k", type=int, default=None, help="steer within the base model's top-k tokens (default: the checkpoint's; 0: all)")
@@ -70,7 +74,7 @@ def run_generate(args: argparse.Namespace) -> int:
     options = dict(
         method=args.method, fusion=args.fusion, strength=args.strength, guidance_top_k=args.guidance_top_k, system_prompt=args.system_prompt,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, compile=args.compile,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, compile=args.compile, method_checkpoint=args.method_checkpoint,
     )
     if args.stream:
         printed = ""

@@ -48,6 +48,7 @@ class Decoder(Protocol):
 
 
 COMPILED_METHODS = ("dualhead", "base")  # the methods whose decoders take compile=True
+MODEL_METHODS = ("dualhead", "base")  # decoded from the model itself: no checkpoint of their own
 
 
 class BaseDecoder:
@@ -403,26 +404,34 @@ def make_decoder(
     guidance_top_k: int | None = None,
     compile: bool = False,
     max_new_tokens: int | None = None,
+    method_checkpoint: str | None = None,
 ) -> Decoder:
     """The decoder for ``method``, any name of the registry in :mod:`paretoalign.methods` (``dualhead``, ``base``,
     ``genarm``, ``parm``, ``args``, ...); an unknown name raises ``ValueError`` listing the registered ones.
-    ``compile`` (``dualhead`` and ``base``): a compiled static-cache step sized for ``max_new_tokens``."""
+    ``compile`` (``dualhead`` and ``base``): a compiled static-cache step sized for ``max_new_tokens``.
+    ``method_checkpoint``: a baseline's own checkpoint (GenARM: a path template holding ``{objective}``); default its
+    shipped one. ``dualhead`` and ``base`` refuse it (the Dual-Head's heads are ``model``'s)."""
     from .methods import build_decoder  # the registry imports this module
 
     if compile and method not in COMPILED_METHODS:
         raise ValueError(f"compile covers the {' and '.join(map(repr, COMPILED_METHODS))} methods, got method {method!r}")
+    if method_checkpoint is not None and method in MODEL_METHODS:
+        raise ValueError(f"method_checkpoint is a baseline's checkpoint; method {method!r} has none, got {method_checkpoint!r}")
     options = {"compile": compile, "max_new_tokens": max_new_tokens} if compile else {}
+    if method_checkpoint is not None:
+        options["checkpoint"] = method_checkpoint
     return build_decoder(method, model, fusion=fusion, strength=strength, guidance_top_k=guidance_top_k, **options)
 
 
 def _runs(model, prompts, preference, method, fusion, strength, guidance_top_k, chat, system_prompt, decoder, sampling) -> Iterator[GenerationRun]:
     compile = bool(sampling.pop("compile", False))
+    method_checkpoint = sampling.pop("method_checkpoint", None)
     if sampling.get("no_repeat_ngram_size") is None:  # the checkpoint's loop guard
         sampling["no_repeat_ngram_size"] = model.config.no_repeat_ngram_size
     sampling_config = SamplingConfig(**sampling)
     texts, input_ids, attention_mask, preference = prepare_batch(model, prompts, preference, chat, system_prompt)
     eos_ids = eos_token_ids(model.tokenizer, model.backbone)
-    decoder = decoder or make_decoder(model, method, fusion, strength, guidance_top_k, compile, sampling_config.max_new_tokens)
+    decoder = decoder or make_decoder(model, method, fusion, strength, guidance_top_k, compile, sampling_config.max_new_tokens, method_checkpoint)
     run = GenerationRun(model.tokenizer, texts, preference, eos_ids)
     model.eval()
     for step in decode_steps(decoder, input_ids, attention_mask, preference, sampling_config, eos_ids, model.tokenizer.pad_token_id):
@@ -477,6 +486,7 @@ def generate(
             or one per row), ``no_repeat_ngram_size`` (a loop guard, 0: off; default the checkpoint's); see
             :class:`SamplingConfig`. ``compile=True`` (``dualhead`` and ``base``) runs the
             backbone's step compiled over a static cache: about a minute to compile, then faster per token.
+            ``method_checkpoint``: a baseline's own checkpoint (GenARM: a path template holding ``{objective}``).
     """
     run = None
     for run in _runs(model, prompts, preference, method, fusion, strength, guidance_top_k, chat, system_prompt, decoder, sampling):

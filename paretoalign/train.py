@@ -170,6 +170,14 @@ class TrainConfig:
             "(interior preferences interpolate the one-hots: PBLoRA is linear in w)"
         },
     )
+    train_objective: str | None = field(
+        default=None,
+        metadata={
+            "help": "train a reward model for this objective only (GenARM: one per objective, mixed by w at decoding): "
+            "every step at its one-hot preference, the other objectives' losses weighted 0; needs preference_sampling "
+            "'step' (default None: every objective)"
+        },
+    )
     checkpoint_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
     eval_every: int = field(default=100, metadata={"help": "steps between validation passes"})
     feature_cache: str | None = field(default=None, metadata={"help": "feature cache folder (default: the user cache)"})
@@ -265,6 +273,14 @@ class TrainConfig:
             raise ValueError(f"teacher_accuracy must be in [0.5, 1], got {self.teacher_accuracy!r}")
         if self.preference_sampling not in PREFERENCE_SAMPLINGS:
             raise ValueError(f"preference_sampling must be one of {PREFERENCE_SAMPLINGS}, got {self.preference_sampling!r}")
+        if self.train_objective is not None:
+            if self.train_objective not in self.objectives:
+                raise ValueError(f"train_objective must be one of objectives {self.objectives}, got {self.train_objective!r}")
+            if self.preference_sampling != "step":
+                raise ValueError(
+                    f"train_objective {self.train_objective!r} trains at its one-hot preference: it needs preference_sampling "
+                    f"'step', got {self.preference_sampling!r}"
+                )
         for name in ("learning_rate", "beta_r", "dirichlet_concentration"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -569,7 +585,10 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
     rank, world = accelerator.process_index, accelerator.num_processes
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict]:
-        preference = step_preference(len(config.objectives), step, config.seed, config.dirichlet_concentration)
+        if config.train_objective is None:
+            preference = step_preference(len(config.objectives), step, config.seed, config.dirichlet_concentration)
+        else:  # one objective's reward model: its one-hot, so the other objectives' losses weigh 0
+            preference = torch.tensor([float(name == config.train_objective) for name in config.objectives])
         batches = []
         for stream, objective in enumerate(config.objectives):
             index = data.train[objective]

@@ -185,6 +185,65 @@ def test_genarm_scores_are_the_base_plus_the_weighted_arm_logprobs(make_model, b
     assert decoder.trainable_parameters() == sum(p.numel() for arm in arms for p in adapter_parameters(arm).values()) > 0
 
 
+def test_genarm_over_reward_heads_reads_each_head_at_its_objective_on_one_backbone_pass(make_model, tmp_path):
+    """GenARM on the Dual-Head's terms: one reward head per objective on the shared backbone, each read at its
+    objective's one-hot, fused as GenARM does and restricted to the base model's top-k."""
+    model = make_model(randomize=False)
+    heads = []
+    for seed, name in enumerate(OBJECTIVES):
+        torch.manual_seed(seed + 1)
+        head = make_model(reward_head="hidden", reward_context="prompt-product", guidance_top_k=5)
+        head.save_pretrained(tmp_path / name)
+        heads.append(head)
+    (tmp_path / "harmlessness" / "train_config.json").write_text(json.dumps({"train_objective": "harmlessness"}))
+    decoder = build_decoder("genarm", model, strength=2.0, checkpoint=str(tmp_path / "{objective}"))
+    assert decoder.guidance_top_k == 5 and decoder.model_passes_per_token == 1 and decoder.trainable_parameters() > 0
+    _, input_ids, attention_mask, preference = prepare_batch(model, ["Hi", "Tell me about bread."], [[0.3, 0.7], [1.0, 0.0]])
+
+    def by_hand(ids, mask):
+        base = None
+        scores = 0.0
+        for index, head in enumerate(heads):
+            one_hot = torch.eye(2)[index].expand(ids.shape[0], -1)
+            prompt_mask = torch.zeros_like(mask)
+            prompt_mask[:, : input_ids.shape[1]] = mask[:, : input_ids.shape[1]]  # the context is the prompt's
+            out = head(ids, mask, one_hot, prompt_mask=prompt_mask)
+            base = out.lm_logits[:, -1]
+            scores = scores + 2.0 * preference[:, index, None] * F.log_softmax(out.reward_logits[:, -1], -1)
+        fused = F.log_softmax(base, -1) + scores
+        keep = base.topk(5, -1).indices
+        return torch.full_like(fused, float("-inf")).scatter(-1, keep, fused.gather(-1, keep))
+
+    with torch.no_grad():
+        first = decoder.start(input_ids, attention_mask, preference).logits
+        torch.testing.assert_close(first, by_hand(input_ids, attention_mask))
+        assert (first > float("-inf")).sum(-1).tolist() == [5, 5]
+        tokens = first.argmax(-1)[:, None]
+        attention_mask = torch.cat([attention_mask, torch.ones_like(tokens)], dim=1)
+        second = decoder.step(tokens, attention_mask).logits  # continues from the shared cache
+        torch.testing.assert_close(second, by_hand(torch.cat([input_ids, tokens], dim=1), attention_mask))
+
+    template = str(tmp_path / "{objective}")
+    by_name = generate(model, ["Hi"], [0.2, 0.8], method="genarm", method_checkpoint=template, strength=2.0, max_new_tokens=4, temperature=0)
+    by_decoder = generate(model, ["Hi"], [0.2, 0.8], decoder=build_decoder("genarm", model, strength=2.0, checkpoint=template),
+                          max_new_tokens=4, temperature=0)
+    assert by_name[0].token_ids == by_decoder[0].token_ids
+    with pytest.raises(ValueError, match="method 'dualhead' has none"):
+        generate(model, ["Hi"], [0.2, 0.8], method="dualhead", method_checkpoint=template, max_new_tokens=2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hi\n")
+    config = SweepConfig(prompts=str(prompts), out=str(tmp_path / "sweep"), methods=["genarm", "base"], grid=2, max_new_tokens=3,
+                         method_checkpoint=template)
+    run_sweep(config, model=model, scorer=MarkerScorer(), progress=False)
+    passes = {row["method"]: row["model_passes_per_token"] for row in read_results(tmp_path / "sweep" / "results.jsonl")}
+    assert passes == {"genarm": 1.0, "base": 1.0}  # the heads share the base pass; base ignores the baseline checkpoint
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["method_checkpoint"] == template
+
+    (tmp_path / "harmlessness" / "train_config.json").write_text(json.dumps({"train_objective": "helpfulness"}))
+    with pytest.raises(ValueError, match="reward head of 'helpfulness', not of 'harmlessness'"):
+        build_decoder("genarm", model, checkpoint=template)
+
+
 def test_parm_conditions_each_row_on_its_preference(make_model, baseline_checkpoints):
     model = make_model()
     decoder = build_decoder("parm", model, strength=0.5)

@@ -136,6 +136,36 @@ def test_bad_train_config_names_the_value(small_data, tmp_path):
         TrainConfig.from_json(path)
     with pytest.raises(ValueError, match="block_cache_layer must be an integer >= 0 or null, got -2"):
         make_config(small_data, tmp_path, block_cache_layer=-2)
+    with pytest.raises(ValueError, match="train_objective must be one of objectives .* got 'honesty'"):
+        make_config(small_data, tmp_path, train_objective="honesty", preference_sampling="step")
+    with pytest.raises(ValueError, match="needs preference_sampling 'step', got 'objective'"):
+        make_config(small_data, tmp_path, train_objective="helpfulness", preference_sampling="objective")
+
+
+def test_one_objectives_reward_model_learns_from_its_pairs_only(backbone, tokenizer, small_data, tmp_path):
+    """GenARM's recipe (train_objective, no gate): every step at the objective's one-hot; the other objective's pairs
+    never reach the gradient, so swapping them leaves it unchanged."""
+    model_settings = {"gate_size": 16, "gate_heads": 2, "fixed_gate": 1.0, "fusion": "genarm"}
+    config = make_config(
+        small_data, tmp_path, steps=4, train_objective="harmlessness", preference_sampling="step", model=model_settings
+    )
+    model = fresh_model(backbone, tokenizer, config)
+    train(config, model, progress=False)
+    log = [json.loads(line) for line in (Path(config.output_dir) / "training_log.jsonl").read_text().splitlines()]
+    assert [r["preference"] for r in log] == [[0.0, 1.0]] * 4
+
+    data = prepare_data(config, model, progress=False)
+    batches = [collate_pairs(data.cache, data.train[name], np.arange(3)) for name in config.objectives]
+    swapped = [collate_pairs(data.cache, data.train["helpfulness"], np.arange(3, 6)), batches[1]]
+    one_hot = torch.tensor([0.0, 1.0])
+    grads = []
+    for pairs in (batches, swapped):
+        model.zero_grad()
+        training_loss(model, pairs, one_hot, config)[0].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
 
 
 def test_model_overrides_merge_into_the_config_file(tmp_path):

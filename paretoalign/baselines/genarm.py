@@ -4,6 +4,11 @@
 
 Every ARM is a full LoRA copy of the backbone with its own KV cache, so a token costs ``1 + k`` model passes for ``k``
 objectives; nothing is shared with the base pass.
+
+GenARM on the Dual-Head's terms (:class:`GenARMHeadsDecoder`): the same fusion over reward *heads* on the shared
+backbone, one per objective (each trained alone, ``TrainConfig.train_objective``, on the same data and steps as the
+Dual-Head), so one backbone pass per token serves every objective. A checkpoint folder holding a Dual-Head checkpoint
+instead of an ARM selects it.
 """
 
 from __future__ import annotations
@@ -14,8 +19,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
+from ..files import read_json_object
 from ..generation import BaseDecoder, StepOutput
+from ..model import CONFIG_NAME as HEADS_CONFIG_NAME
+from ..model import DualHeadModel, backbone_hidden, check_guidance_top_k, restrict_to_base_top_k
 from .arm import adapter_size, causal_lm, default_checkpoint, guided_logits, load_arm
 
 DEFAULT_STRENGTH = 1.0  # 1 / beta
@@ -61,6 +70,87 @@ class GenARMDecoder:
         return self._scores(base, [decoder.step(tokens, attention_mask) for decoder in self._arm_decoders])
 
 
+class GenARMHeadsDecoder:
+    """GenARM's fusion over one reward head per objective on the shared backbone (one backbone pass per token).
+
+    Head ``i`` (a :class:`~paretoalign.model.DualHeadModel` trained for objective ``i`` alone) is read at that
+    objective's one-hot preference; the next-token scores are ``log_softmax(z_LM) + strength · sum_i w_i ·
+    log_softmax(z_RM_i)`` restricted to the frozen LM's ``guidance_top_k`` likeliest tokens, as the Dual-Head's.
+
+    Example:
+        >>> heads = [DualHeadModel.from_pretrained(d, backbone=model.backbone, tokenizer=model.tokenizer) for d in dirs]
+        >>> generate(model, "Hi", [0.3, 0.7], decoder=GenARMHeadsDecoder(heads, strength=3.0))
+    """
+
+    def __init__(self, heads: Sequence[DualHeadModel], strength: float = DEFAULT_STRENGTH, guidance_top_k: int | None = None):
+        if not heads:
+            raise ValueError("GenARM needs at least one reward head")
+        if not strength >= 0:
+            raise ValueError(f"strength (1 / beta) must be >= 0, got {strength!r}")
+        backbone = heads[0].backbone
+        for head in heads:
+            if head.backbone is not backbone:
+                raise ValueError("GenARM's reward heads must share one backbone (load each with backbone=model.backbone)")
+            if head.reward_branch is not None:
+                raise ValueError("GenARM's reward heads read the final state: a head with reward_layers > 0 is not supported")
+        self.heads = nn.ModuleList(heads)
+        self.backbone = backbone
+        self.strength = float(strength)
+        top_k = heads[0].config.guidance_top_k if guidance_top_k is None else guidance_top_k
+        self.guidance_top_k = check_guidance_top_k(top_k)
+        self.model_passes_per_token = 1
+        self.cache: DynamicCache | None = None
+        self.weights: torch.Tensor | None = None
+        self.contexts: list[torch.Tensor | None] = []
+
+    def trainable_parameters(self) -> int:
+        """The heads' weights (the shared backbone is frozen)."""
+        return sum(p.numel() for head in self.heads for p in head.parameters() if p.requires_grad)
+
+    def _scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt: bool = False) -> StepOutput:
+        hidden = backbone_hidden(self.backbone, input_ids, attention_mask, self.cache)  # (B, T, d)
+        if prompt:
+            self.contexts = [head.prompt_context(hidden, attention_mask) for head in self.heads]  # (B, d) or None each
+        last = hidden[:, -1:]  # (B, 1, d)
+        lm_logits = self.heads[0].lm_logits(last)  # (B, 1, V)
+        rows, k = last.shape[0], len(self.heads)
+        rewards = []
+        for index, (head, context) in enumerate(zip(self.heads, self.contexts)):
+            one_hot = torch.zeros(rows, k, device=last.device)
+            one_hot[:, index] = 1.0  # the preference head ``index`` was trained at
+            rewards.append(head.reward_logits(last, one_hot, lm_logits, context)[:, -1])  # (B, V)
+        logits = guided_logits(lm_logits[:, -1], rewards, self.weights)  # (B, V)
+        return StepOutput(restrict_to_base_top_k(logits, lm_logits[:, -1], self.guidance_top_k), None, lm_logits[:, -1])
+
+    def start(self, input_ids, attention_mask, preference) -> StepOutput:
+        if preference.shape[-1] != len(self.heads):
+            raise ValueError(f"preference has {preference.shape[-1]} weights but GenARM holds {len(self.heads)} reward heads")
+        self.weights = self.strength * preference.float()  # (B, k): w_i / beta
+        self.cache = DynamicCache(config=self.backbone.config)
+        return self._scores(input_ids, attention_mask, prompt=True)
+
+    def step(self, tokens, attention_mask) -> StepOutput:
+        return self._scores(tokens, attention_mask)
+
+
+def load_heads(paths: Mapping[str, Path], model: DualHeadModel) -> list[DualHeadModel]:
+    """One reward head per objective from Dual-Head checkpoints, on ``model``'s backbone. A head whose run config
+    (``train_config.json`` beside it or one folder up) names another ``train_objective`` is refused."""
+    heads = []
+    for objective, path in paths.items():
+        head = DualHeadModel.from_pretrained(path, backbone=model.backbone, tokenizer=model.tokenizer)
+        if head.objectives != list(model.objectives):
+            raise ValueError(f"{path} has objectives {head.objectives}, the model {list(model.objectives)}")
+        for folder in (path, path.parent):
+            if (folder / "train_config.json").is_file():
+                trained = read_json_object(folder / "train_config.json", "train config").get("train_objective")
+                if trained is not None and trained != objective:
+                    raise ValueError(f"{path} is the reward head of {trained!r}, not of {objective!r}")
+                break
+        heads.append(head.eval())
+    return heads
+
+
 def checkpoint_paths(objectives: Sequence[str], checkpoint: str | os.PathLike | Mapping | None = None) -> dict[str, Path]:
     """Each objective's ARM directory.
 
@@ -82,9 +172,20 @@ def checkpoint_paths(objectives: Sequence[str], checkpoint: str | os.PathLike | 
     )
 
 
-def build_decoder(model, strength: float | None = None, fusion: str | None = None, checkpoint=None, **options) -> GenARMDecoder:
+def build_decoder(
+    model, strength: float | None = None, fusion: str | None = None, checkpoint=None, guidance_top_k: int | None = None, **options
+) -> GenARMDecoder | GenARMHeadsDecoder:
     """The ``genarm`` method: load one ARM per objective of ``model`` (a :class:`~paretoalign.model.DualHeadModel`,
-    whose backbone is the base) onto its own copy of the backbone. ``strength`` is ``1 / beta``; ``fusion`` is unused."""
+    whose backbone is the base) onto its own copy of the backbone. ``strength`` is ``1 / beta``; ``fusion`` is unused.
+
+    Where every objective's folder holds a Dual-Head checkpoint instead (``dualhead_config.json``), those reward heads
+    are decoded on the shared backbone (:class:`GenARMHeadsDecoder`, ``guidance_top_k`` as the Dual-Head's; default:
+    the first head's)."""
     paths = checkpoint_paths(model.objectives, checkpoint)
+    is_heads = [(path / HEADS_CONFIG_NAME).is_file() for path in paths.values()]
+    if any(is_heads):
+        if not all(is_heads):
+            raise ValueError(f"checkpoint must name ARMs for every objective or reward heads for every objective, got {checkpoint!r}")
+        return GenARMHeadsDecoder(load_heads(paths, model), DEFAULT_STRENGTH if strength is None else strength, guidance_top_k)
     arms = [load_arm(path, model.backbone, model.tokenizer, "genarm", objective)[0] for objective, path in paths.items()]
     return GenARMDecoder(model.backbone, arms, DEFAULT_STRENGTH if strength is None else strength)

@@ -198,6 +198,13 @@ class SweepConfig:
         default=None, metadata={"help": "Dual-Head: steer within the base model's top-k tokens (default: the checkpoint's; 0: all)"}
     )
     checkpoint: str | None = field(default=None, metadata={"help": "Dual-Head checkpoint directory (default: the shipped one)"})
+    method_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "the baseline methods' own checkpoint (GenARM: a path template holding {objective}, ARMs or reward "
+            "heads trained with train_objective); default: each baseline's shipped one"
+        },
+    )
     backbone: str | None = field(default=None, metadata={"help": "backbone id or path, when not loading it from a checkpoint"})
     scorer: str | None = field(default=None, metadata={"help": "reward scorer spec for load_scorer (default: the shipped offline scorer)"})
     limit: int | None = field(default=None, metadata={"help": "sweep only the first N prompts"})
@@ -531,6 +538,8 @@ def _settings(config: SweepConfig, model, scorer, scorer_loaded: bool, prompts: 
         "strength": config.strength,
         "fusion": config.fusion,
         "guidance_top_k": config.guidance_top_k,
+        # recorded when set, so a sweep written before the option existed still resumes
+        **({"method_checkpoint": config.method_checkpoint} if config.method_checkpoint is not None else {}),
         "system_prompt": config.system_prompt,
         "batch_size": config.batch_size,
     }
@@ -543,13 +552,14 @@ def _loop_guard(config: SweepConfig, model) -> int:
 
 def _run_method(name: str, todo: list[_Job], config: SweepConfig, model, scorer, directory: Path, bar, after_batch) -> int:
     """Generate, score and append every pending row of one method; log its measurements to ``methods.jsonl``."""
-    from ..generation import COMPILED_METHODS, generate, make_decoder
+    from ..generation import COMPILED_METHODS, MODEL_METHODS, generate, make_decoder
 
     objectives = list(model.objectives)
     columns = _score_columns(scorer, objectives)
     uniform = [1.0 / len(objectives)] * len(objectives)  # what a method that ignores the preference is handed
     compile = config.compile and name in COMPILED_METHODS
-    decoder = make_decoder(model, name, config.fusion, config.strength, config.guidance_top_k, compile, config.max_new_tokens)
+    own = config.method_checkpoint if name not in MODEL_METHODS else None  # the Dual-Head's and base's are the model's
+    decoder = make_decoder(model, name, config.fusion, config.strength, config.guidance_top_k, compile, config.max_new_tokens, own)
     counter = ModelPassCounter(decoder)
     memory = PeakMemory(model.device).start()
     written = 0
