@@ -224,6 +224,7 @@ def test_genarm_over_reward_heads_reads_each_head_at_its_objective_on_one_backbo
         torch.testing.assert_close(second, by_hand(torch.cat([input_ids, tokens], dim=1), attention_mask))
 
     template = str(tmp_path / "{objective}")
+    assert build_decoder("genarm", model, checkpoint=template).strength == heads[0].config.strength  # the heads' own default
     by_name = generate(model, ["Hi"], [0.2, 0.8], method="genarm", method_checkpoint=template, strength=2.0, max_new_tokens=4, temperature=0)
     by_decoder = generate(model, ["Hi"], [0.2, 0.8], decoder=build_decoder("genarm", model, strength=2.0, checkpoint=template),
                           max_new_tokens=4, temperature=0)

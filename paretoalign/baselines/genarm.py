@@ -179,13 +179,14 @@ def build_decoder(
     whose backbone is the base) onto its own copy of the backbone. ``strength`` is ``1 / beta``; ``fusion`` is unused.
 
     Where every objective's folder holds a Dual-Head checkpoint instead (``dualhead_config.json``), those reward heads
-    are decoded on the shared backbone (:class:`GenARMHeadsDecoder`, ``guidance_top_k`` as the Dual-Head's; default:
-    the first head's)."""
+    are decoded on the shared backbone (:class:`GenARMHeadsDecoder`; ``strength`` and ``guidance_top_k`` default to
+    the first head's checkpoint settings)."""
     paths = checkpoint_paths(model.objectives, checkpoint)
     is_heads = [(path / HEADS_CONFIG_NAME).is_file() for path in paths.values()]
     if any(is_heads):
         if not all(is_heads):
             raise ValueError(f"checkpoint must name ARMs for every objective or reward heads for every objective, got {checkpoint!r}")
-        return GenARMHeadsDecoder(load_heads(paths, model), DEFAULT_STRENGTH if strength is None else strength, guidance_top_k)
+        heads = load_heads(paths, model)
+        return GenARMHeadsDecoder(heads, heads[0].config.strength if strength is None else strength, guidance_top_k)
     arms = [load_arm(path, model.backbone, model.tokenizer, "genarm", objective)[0] for objective, path in paths.items()]
     return GenARMDecoder(model.backbone, arms, DEFAULT_STRENGTH if strength is None else strength)
