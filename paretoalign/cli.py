@@ -183,7 +183,10 @@ def _add_arm_accuracy(subparsers) -> None:
     parser.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES))
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--backbone", default=None)
-    parser.add_argument("--max-pairs", type=int, default=None, help="score only the first N pairs")
+    parser.add_argument(
+        "--max-pairs", type=int, default=None,
+        help="score N pairs: with --split the seeded sample `export --max-pairs N` scores for a checkpoint's card, with --data the first N",
+    )
     parser.add_argument("--batch-pairs", type=int, default=8)
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", action="store_true", help="print {accuracy, n, mean_margin} as JSON")
@@ -202,7 +205,8 @@ def _add_arm_accuracy(subparsers) -> None:
 
 
 def run_arm_accuracy(args: argparse.Namespace) -> int:
-    from .data import load_default_pairs, load_pairs, split_pools
+    from .data import load_default_pairs, load_pairs
+    from .export import held_out_pairs
     from .model import load_model
     from .objective import arm_accuracy
 
@@ -212,12 +216,11 @@ def run_arm_accuracy(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-pairs must be a positive integer, got {args.max_pairs}")
     if args.data:
         pairs = load_pairs(args.data, objective=args.objective)
+        pairs = pairs[: args.max_pairs] if args.max_pairs else pairs
     else:
-        pools = load_default_pairs()
-        if args.objective not in pools:
-            raise ValueError(f"--objective {args.objective!r} has no vendored pairs; choose from {sorted(pools)}")
-        pairs = split_pools(pools)[args.objective][args.split]
-    pairs = pairs[: args.max_pairs] if args.max_pairs else pairs
+        pairs = held_out_pairs([args.objective], args.split, max_pairs=args.max_pairs).get(args.objective)
+        if not pairs:
+            raise ValueError(f"--objective {args.objective!r} has no vendored pairs; choose from {sorted(load_default_pairs())}")
     model = load_model(args.checkpoint, args.backbone, args.device)
     preference = reorder_preference(weights, objectives, model.objectives)
     from .features import feature_cache_root

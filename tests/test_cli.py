@@ -104,6 +104,25 @@ def test_arm_accuracy_json(capsys, tiny_checkpoint, tmp_path):
     assert len([meta for meta in (tmp_path / "features").glob("*/meta.json") if json.loads(meta.read_text())["complete"]]) == 1
 
 
+def test_arm_accuracy_on_a_split_scores_the_sample_a_card_scores(capsys, tiny_checkpoint, tmp_path):
+    """--split --max-pairs N scores the seeded sample export's card scores (not the split's first N)."""
+    from paretoalign.export import held_out_pairs
+    from paretoalign.model import DualHeadModel
+    from paretoalign.objective import arm_accuracy
+
+    argv = ["arm-accuracy", "--split", "test", "--objective", "helpfulness", "--preference", "1,0", "--max-pairs", "4",
+            "--checkpoint", tiny_checkpoint, "--json", "--no-feature-cache"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    sample = held_out_pairs(["helpfulness"], "test", max_pairs=4)["helpfulness"]
+    (expected,) = arm_accuracy(DualHeadModel.from_pretrained(tiny_checkpoint), sample, [[1.0, 0.0]])
+    assert out["n"] == 4 and out["accuracy"] == expected["accuracy"]
+    assert out["mean_margin"] == pytest.approx(expected["mean_margin"], abs=1e-5)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv[:4], "honesty", *argv[5:]])
+    assert exit_info.value.code == 2 and "--objective 'honesty' has no vendored pairs" in capsys.readouterr().err
+
+
 def test_arm_accuracy_names_the_bad_line(capsys, tiny_checkpoint, tmp_path):
     pairs_file = tmp_path / "broken.jsonl"
     good = json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."})
