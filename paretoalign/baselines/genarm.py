@@ -102,6 +102,7 @@ class GenARMHeadsDecoder:
         self.cache: DynamicCache | None = None
         self.weights: torch.Tensor | None = None
         self.contexts: list[torch.Tensor | None] = []
+        self.one_hots: list[torch.Tensor] = []
 
     def trainable_parameters(self) -> int:
         """The heads' weights (the shared backbone is frozen)."""
@@ -113,12 +114,10 @@ class GenARMHeadsDecoder:
             self.contexts = [head.prompt_context(hidden, attention_mask) for head in self.heads]  # (B, d) or None each
         last = hidden[:, -1:]  # (B, 1, d)
         lm_logits = self.heads[0].lm_logits(last)  # (B, 1, V)
-        rows, k = last.shape[0], len(self.heads)
-        rewards = []
-        for index, (head, context) in enumerate(zip(self.heads, self.contexts)):
-            one_hot = torch.zeros(rows, k, device=last.device)
-            one_hot[:, index] = 1.0  # the preference head ``index`` was trained at
-            rewards.append(head.reward_logits(last, one_hot, lm_logits, context)[:, -1])  # (B, V)
+        rewards = [
+            head.reward_logits(last, one_hot, lm_logits, context)[:, -1]  # (B, V)
+            for head, one_hot, context in zip(self.heads, self.one_hots, self.contexts)
+        ]
         logits = guided_logits(lm_logits[:, -1], rewards, self.weights)  # (B, V)
         return StepOutput(restrict_to_base_top_k(logits, lm_logits[:, -1], self.guidance_top_k), None, lm_logits[:, -1])
 
@@ -126,6 +125,9 @@ class GenARMHeadsDecoder:
         if preference.shape[-1] != len(self.heads):
             raise ValueError(f"preference has {preference.shape[-1]} weights but GenARM holds {len(self.heads)} reward heads")
         self.weights = self.strength * preference.float()  # (B, k): w_i / beta
+        rows, k = preference.shape[0], len(self.heads)
+        # head i is read at the one-hot it was trained at, (B, k) each, built once per answer rather than per token
+        self.one_hots = list(torch.eye(k, device=preference.device)[:, None, :].expand(k, rows, k))
         self.cache = DynamicCache(config=self.backbone.config)
         return self._scores(input_ids, attention_mask, prompt=True)
 
