@@ -293,6 +293,10 @@ def _add_report(subparsers) -> None:
         "--out", default=None, help="where to write report.md, pareto_front.html/png, summary.json (default: --results; needed with several)"
     )
     parser.add_argument("--no-png", action="store_true", help="skip the static PNG export")
+    parser.add_argument(
+        "--bootstrap", type=int, default=1000,
+        help="paired-bootstrap resamples of the prompts for 95%% intervals of HV, MIP and their differences from the first method (0: none)",
+    )
     parser.add_argument("--json", action="store_true", help="print {methods: {name: {hv, mip, tokens_per_s, ...}}, ...} as JSON")
     parser.set_defaults(handler=run_report)
 
@@ -300,7 +304,9 @@ def _add_report(subparsers) -> None:
 def run_report(args: argparse.Namespace) -> int:
     from .evaluation.report import json_summary, write_report
 
-    summary = write_report(args.results, args.out, png=not args.no_png)
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap must be 0 (no intervals) or a positive number of resamples, got {args.bootstrap}")
+    summary = write_report(args.results, args.out, png=not args.no_png, bootstrap=args.bootstrap)
     if args.json:
         print(json.dumps(json_summary(summary), ensure_ascii=False))
         return 0

@@ -277,6 +277,56 @@ def test_single_prompt_has_no_standard_error_and_one_method_alone_has_no_hv():
     assert summary["methods"]["base"]["complete"] is False
 
 
+def random_sweep(prompts: int = 12, seed: int = 0):
+    """Methods ``a`` and ``b`` with noisy scores on a 3-point grid, ``twin`` a copy of ``a`` under another name."""
+    settings, _, _ = crafted_sweep()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for method, shift in (("a", 0.0), ("b", 0.3)):
+        for preference in settings["preferences"]:
+            for prompt in range(prompts):
+                help_, harm = rng.normal(size=2) + np.array(preference) * 2 + shift
+                rows.append({"method": method, "preference": preference, "prompt_id": f"p{prompt}",
+                             "scores": {"help": float(help_), "harm": float(harm)}, "tokens": 1, "seconds": 1.0})
+    rows += [{**row, "method": "twin"} for row in rows if row["method"] == "a"]
+    return {**settings, "methods": ["a", "b", "twin"], "prompts": {"source": "random", "count": prompts}}, rows
+
+
+def test_bootstrap_intervals_are_paired_over_prompts():
+    settings, rows = random_sweep()
+    summary = summarize(settings, rows, bootstrap=300)
+    intervals = summary["intervals"]
+    assert (intervals["reference"], intervals["prompts"], intervals["samples"]) == ("a", 12, 300)
+    a, b, twin = (intervals["methods"][name] for name in ("a", "b", "twin"))
+    for name, entry in (("a", a), ("b", b)):
+        for key in ("hv", "mip"):
+            low, high = entry[key]
+            assert low < high and low <= summary["methods"][name][key] <= high  # resampling moves it; the estimate inside
+    assert a["hv_diff"] is None and a["mip_diff"] is None  # the reference
+    # The same resample for every method: a copy of the reference differs from it by exactly 0 in every resample,
+    # although its own HV moves as much as the reference's.
+    assert twin["hv_diff"] == [0.0, 0.0] and twin["mip_diff"] == [0.0, 0.0] and twin["hv"] == a["hv"]
+    assert b["hv_diff"][0] < b["hv_diff"][1]
+    assert summarize(settings, rows)["intervals"] is None  # bootstrap=0: none
+    with pytest.raises(ValueError, match="samples must be a positive integer, got -2"):
+        summarize(settings, rows, bootstrap=-2)
+
+
+def test_bootstrap_intervals_without_noise_collapse_and_leave_out_incomplete_methods():
+    settings, rows = random_sweep(prompts=4)
+    same = [{**row, "scores": dict(rows[0 if row["preference"] == [0.0, 1.0] else 4 if row["preference"] == [0.5, 0.5] else 8]["scores"])}
+            for row in rows if row["method"] == "a"]  # every prompt scored alike at each preference
+    same += [{**row, "method": "b", "scores": {k: v + 0.5 for k, v in row["scores"].items()}} for row in same]
+    partial = [{**row, "method": "partial"} for row in same[:12] if row["prompt_id"] != "p3" or row["preference"] != [0.5, 0.5]]
+    summary = summarize({**settings, "methods": ["a", "b", "partial"]}, same + partial, bootstrap=50)
+    for name in ("a", "b"):
+        hv, mip = summary["methods"][name]["hv"], summary["methods"][name]["mip"]
+        assert summary["intervals"]["methods"][name]["hv"] == pytest.approx([hv, hv])
+        assert summary["intervals"]["methods"][name]["mip"] == pytest.approx([mip, mip])
+    assert summary["intervals"]["methods"]["partial"] == {"hv": None, "mip": None, "hv_diff": None, "mip_diff": None}
+    assert summary["methods"]["partial"]["hv"] is not None  # the point estimate is still reported
+
+
 def write_crafted(directory):
     settings, rows, runs = crafted_sweep()
     directory.mkdir(parents=True, exist_ok=True)
@@ -294,6 +344,10 @@ def test_report_files_and_json(tmp_path, capsys):
     assert printed["methods"]["a"]["tokens_per_s"] == pytest.approx(20.0)
     markdown = (tmp_path / "report" / report.MARKDOWN_NAME).read_text()
     assert "| a | 0.562 | 0.917 | 20.0 | 1.00 | 1.23 k | 1.00 MiB | 2 | 3 |" in markdown
+    # The crafted prompts differ by a shift of both scores, which the shared normalisation removes: no HV noise.
+    assert "## Uncertainty (paired bootstrap over the 2 prompts, 1000 resamples, 95%)" in markdown
+    assert "| a | [0.562, 0.562] | [0.917, 0.917] | – | – |" in markdown
+    assert printed["intervals"]["methods"]["base"]["hv_diff"] == pytest.approx([0.0625 - 0.5625] * 2)
     assert "| base | any | 2 | 2.0000 ± 1.0000 | 2.0000 ± 1.0000 |" in markdown
     html = (tmp_path / "report" / report.HTML_NAME).read_text()
     assert "plotly" in html.lower() and "(0.5, 0.5)" in html
@@ -302,6 +356,16 @@ def test_report_files_and_json(tmp_path, capsys):
         assert summary["png_skipped"] and "pareto_front.png skipped" in captured.err
     else:
         assert (tmp_path / "report" / report.PNG_NAME).stat().st_size > 0
+
+
+def test_report_bootstrap_option(tmp_path, capsys):
+    write_crafted(tmp_path / "sweep")
+    with pytest.raises(SystemExit) as raised:
+        main(["report", "--results", str(tmp_path / "sweep"), "--bootstrap", "-1", "--no-png"])
+    assert raised.value.code == 2 and "--bootstrap must be 0 (no intervals) or a positive number of resamples, got -1" in capsys.readouterr().err
+    assert main(["report", "--results", str(tmp_path / "sweep"), "--bootstrap", "0", "--no-png", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["intervals"] is None
+    assert "Uncertainty" not in (tmp_path / "sweep" / report.MARKDOWN_NAME).read_text()
 
 
 def test_several_sweeps_share_one_normalisation(tmp_path, capsys):

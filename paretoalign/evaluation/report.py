@@ -104,24 +104,100 @@ def front_metrics(points: Mapping[str, list[dict]], objectives: Sequence[str], g
         lower={name: float(v) for name, v in zip(objectives, lower)}, upper={name: float(v) for name, v in zip(objectives, upper)}
     )
     for method, method_points in points.items():
-        rewards = means[method]  # (n, k)
-        if method_points[0]["preference"] is None:
-            preferences = np.asarray(grid, dtype=float)  # (G, k): one point, evaluated at every grid preference
-            rewards = np.repeat(rewards[:1], len(preferences), axis=0)  # (G, k)
-        else:
-            preferences = np.array([point["preference"] for point in method_points], dtype=float)  # (n, k)
-        summary = front_summary(preferences, rewards, lower, upper)
-        metrics["methods"][method] = {"hv": summary["hv"], "mip": summary["mip"]}
+        metrics["methods"][method] = _hv_mip(method_points, means[method], grid, lower, upper)
     return metrics
 
 
-def summarize(settings: dict, rows: Sequence[dict], method_runs: Sequence[dict] = ()) -> dict:
-    """Everything a report shows, JSON-serialisable: per-method points, HV, MIP, speed, memory, parameters."""
+def _hv_mip(method_points: list[dict], rewards: np.ndarray, grid: Sequence[Sequence[float]], lower, upper) -> dict:
+    """HV and MIP of one method's ``(n, k)`` mean rewards at its points' preferences, on shared bounds."""
+    if method_points[0]["preference"] is None:
+        preferences = np.asarray(grid, dtype=float)  # (G, k): one point, evaluated at every grid preference
+        rewards = np.repeat(rewards[:1], len(preferences), axis=0)  # (G, k)
+    else:
+        preferences = np.array([point["preference"] for point in method_points], dtype=float)  # (n, k)
+    summary = front_summary(preferences, rewards, lower, upper)
+    return {"hv": summary["hv"], "mip": summary["mip"]}
+
+
+def front_intervals(
+    rows: Sequence[dict],
+    points: Mapping[str, list[dict]],
+    objectives: Sequence[str],
+    grid: Sequence[Sequence[float]],
+    samples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Paired-bootstrap 95% intervals of every method's HV and MIP, and of each method's difference from the first.
+
+    Prompts are resampled with replacement, the same resample for every method (they decoded the same prompts),
+    and each resample recomputes the mean points, the shared normalisation bounds, HV and MIP, so the intervals
+    carry the noise of the bounds too. A method is left out (``None``) unless every one of its points has a score
+    for every prompt any method was scored on.
+
+    Returns:
+        ``{"samples", "seed", "prompts", "reference", "methods": {name: {"hv", "mip", "hv_diff", "mip_diff"}}}``;
+        each value is ``[low, high]`` (``*_diff``: this method minus ``reference``, the first method with
+        intervals; ``None`` for the reference itself or a method left out).
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+    by_cell: dict[tuple, dict[str, list[float]]] = {}
+    for row in rows:
+        method, preference, prompt = row_key(row)
+        by_cell.setdefault((method, preference), {})[prompt] = [row["scores"][name] for name in objectives]
+    prompt_sets = [set(cell) for cell in by_cell.values()]
+    shared = sorted(set.union(*prompt_sets), key=str) if prompt_sets else []
+    scores: dict[str, np.ndarray] = {}  # method -> (n_points, P, k)
+    for method, method_points in points.items():
+        cells = [by_cell[(method, None if p["preference"] is None else tuple(float(w) for w in p["preference"]))] for p in method_points]
+        if shared and all(len(cell) == len(shared) for cell in cells):
+            scores[method] = np.array([[cell[prompt] for prompt in shared] for cell in cells], dtype=float)
+    result: dict = {"samples": samples, "seed": seed, "prompts": len(shared), "reference": None, "methods": {}}
+    result["methods"] = {method: {"hv": None, "mip": None, "hv_diff": None, "mip_diff": None} for method in points}
+    if len(shared) < 2 or not scores:
+        return result
+    names = list(scores)
+    rng = np.random.default_rng(seed)
+    draws = {name: np.full((samples, 2), np.nan) for name in names}  # (samples, [hv, mip])
+    for sample in range(samples):
+        weights = rng.multinomial(len(shared), np.full(len(shared), 1.0 / len(shared))) / len(shared)  # (P,)
+        means = {name: np.einsum("gpk,p->gk", scores[name], weights) for name in names}  # (n_points, k) each
+        try:
+            lower, upper = normalization_bounds(means)
+        except ValueError:  # an objective constant in this resample: no HV or MIP for it
+            continue
+        for name in names:
+            metrics = _hv_mip(points[name], means[name], grid, lower, upper)
+            draws[name][sample] = (metrics["hv"], metrics["mip"])
+
+    def interval(values: np.ndarray) -> list[float] | None:
+        values = values[np.isfinite(values)]
+        return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values.size else None
+
+    reference = names[0]
+    result["reference"] = reference
+    for name in names:
+        entry = result["methods"][name]
+        entry["hv"], entry["mip"] = interval(draws[name][:, 0]), interval(draws[name][:, 1])
+        if name != reference:
+            difference = draws[name] - draws[reference]  # (samples, 2), paired: the same resample
+            entry["hv_diff"], entry["mip_diff"] = interval(difference[:, 0]), interval(difference[:, 1])
+    return result
+
+
+def summarize(settings: dict, rows: Sequence[dict], method_runs: Sequence[dict] = (), bootstrap: int = 0, seed: int = 0) -> dict:
+    """Everything a report shows, JSON-serialisable: per-method points, HV, MIP, speed, memory, parameters.
+
+    ``bootstrap``: resamples of :func:`front_intervals` (HV and MIP intervals under ``"intervals"``); 0 skips them.
+    """
     objectives = list(settings["objectives"])
     grid = settings["preferences"]
     points = preference_points(rows, objectives)
     order = [m for m in settings["methods"] if m in points] + sorted(m for m in points if m not in settings["methods"])
     metrics = front_metrics({m: points[m] for m in order}, objectives, grid) if order else {"normalization": None, "methods": {}}
+    intervals = None
+    if bootstrap and order and metrics["normalization"].get("error") is None:
+        intervals = front_intervals(rows, {m: points[m] for m in order}, objectives, grid, samples=bootstrap, seed=seed)
     expected_prompts = settings["prompts"]["count"]
     methods = {}
     for method in order:
@@ -157,6 +233,7 @@ def summarize(settings: dict, rows: Sequence[dict], method_runs: Sequence[dict] 
         "convention": CONVENTION,
         "normalization": metrics["normalization"],
         "methods": methods,
+        "intervals": intervals,
         "settings": settings,
     }
 
@@ -224,6 +301,7 @@ def markdown_report(summary: dict) -> str:
     memory_kinds = sorted({m["memory_kind"] for m in summary["methods"].values() if m["memory_kind"]})
     if memory_kinds:
         lines.append(f"Peak memory is {', '.join(memory_kinds)}.")
+    lines += _interval_lines(summary.get("intervals"))
     lines += ["", "## Mean reward per preference (± standard error over prompts)", ""]
     lines.append("| method | preference | n | " + " | ".join(objectives) + " |")
     lines.append("|---|---|---:|" + "---:|" * len(objectives))
@@ -234,6 +312,30 @@ def markdown_report(summary: dict) -> str:
             ]
             lines.append(f"| {name} | {_preference_label(point['preference'])} | {point['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _interval_lines(intervals: dict | None) -> list[str]:
+    if not intervals or intervals["reference"] is None:
+        return []
+
+    def cell(value, signed: bool = False) -> str:
+        return "–" if value is None else f"[{value[0]:+.3f}, {value[1]:+.3f}]" if signed else f"[{value[0]:.3f}, {value[1]:.3f}]"
+
+    reference = intervals["reference"]
+    lines = [
+        "",
+        f"## Uncertainty (paired bootstrap over the {intervals['prompts']} prompts, {intervals['samples']} resamples, 95%)",
+        "",
+        "Each resample draws the prompts with replacement, the same draw for every method, and recomputes the mean "
+        f"points, the normalisation bounds, HV and MIP. Differences are the method minus `{reference}`; an interval "
+        "that excludes 0 is a difference the prompts support.",
+        "",
+        f"| method | HV | MIP | HV − {reference} | MIP − {reference} |",
+        "|---|---|---|---|---|",
+    ]
+    for name, entry in intervals["methods"].items():
+        lines.append(f"| {name} | {cell(entry['hv'])} | {cell(entry['mip'])} | {cell(entry['hv_diff'], True)} | {cell(entry['mip_diff'], True)} |")
+    return lines
 
 
 def pareto_figure(summary: dict, current_point: Mapping[str, float] | Sequence[float] | None = None, current_label: str = "current answer"):
@@ -337,7 +439,7 @@ def load_sweeps(directories: Sequence[str | os.PathLike]) -> tuple[dict, list[di
 
 
 def write_report(
-    results: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike | None = None, png: bool = True
+    results: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike | None = None, png: bool = True, bootstrap: int = 1000
 ) -> dict:
     """Write ``report.md``, ``pareto_front.html``, ``pareto_front.png`` (when static export works) and ``summary.json``.
 
@@ -346,6 +448,7 @@ def write_report(
             normalisation.
         out: where to write (default: ``results``; required with several sweeps).
         png: try the static PNG export (plotly needs ``kaleido`` and a Chrome); a failure is recorded, not raised.
+        bootstrap: resamples for the HV/MIP intervals (:func:`front_intervals`); 0 skips them.
 
     Returns:
         The summary, with ``files`` naming what was written and ``png_skipped`` the reason a PNG was not.
@@ -360,7 +463,7 @@ def write_report(
         raise ValueError(f"results {str(results)!r} holds no result rows yet; run the sweep first")
     out = Path(out if out is not None else results).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(settings, rows, method_runs)
+    summary = summarize(settings, rows, method_runs, bootstrap=bootstrap)
     files = {"markdown": MARKDOWN_NAME, "html": None, "png": None, "summary": SUMMARY_NAME}
     summary["files"], summary["png_skipped"] = files, None
     _write_text(out / MARKDOWN_NAME, markdown_report(summary))
@@ -387,6 +490,7 @@ def json_summary(summary: dict) -> dict:
     keys = ("hv", "mip", "tokens_per_s", "model_passes_per_token", "trainable_parameters", "peak_memory_bytes", "n_prompts", "n_points", "complete")
     return {
         "methods": {name: {key: method[key] for key in keys} for name, method in summary["methods"].items()},
+        "intervals": summary.get("intervals"),
         "objectives": summary["objectives"],
         "normalization": summary["normalization"],
         "files": summary.get("files"),
