@@ -180,6 +180,10 @@ def _add_arm_accuracy(subparsers) -> None:
     source.add_argument("--split", choices=["train", "validation", "test"], help="a split of the vendored data (seed 0)")
     parser.add_argument("--objective", required=True, help="the objective the file's preferences express")
     parser.add_argument("--preference", required=True, help="weights over the objectives, e.g. 1,0")
+    parser.add_argument(
+        "--against", default=None,
+        help="a second preference, e.g. 0,1: the same pairs scored there too, and --preference's accuracy minus this one's with its paired standard error",
+    )
     parser.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES))
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--backbone", default=None)
@@ -189,7 +193,7 @@ def _add_arm_accuracy(subparsers) -> None:
     )
     parser.add_argument("--batch-pairs", type=int, default=8)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--json", action="store_true", help="print {accuracy, n, mean_margin} as JSON")
+    parser.add_argument("--json", action="store_true", help="print {accuracy, n, mean_margin} (with --against: and against: {...}) as JSON")
     cache = parser.add_mutually_exclusive_group()
     cache.add_argument(
         "--feature-cache", default=None,
@@ -208,10 +212,16 @@ def run_arm_accuracy(args: argparse.Namespace) -> int:
     from .data import load_default_pairs, load_pairs
     from .export import held_out_pairs
     from .model import load_model
-    from .objective import arm_accuracy
+    from .objective import accuracy_entries, pair_margins, paired_accuracy_difference
 
     objectives = parse_objectives(args.objectives)
     weights = parse_preference(args.preference, objectives)
+    against = None
+    if args.against is not None:
+        try:
+            against = parse_preference(args.against, objectives)
+        except ValueError as error:
+            raise ValueError(f"--against {args.against!r}: {error}") from None
     if args.max_pairs is not None and args.max_pairs < 1:
         raise ValueError(f"--max-pairs must be a positive integer, got {args.max_pairs}")
     if args.data:
@@ -222,17 +232,24 @@ def run_arm_accuracy(args: argparse.Namespace) -> int:
         if not pairs:
             raise ValueError(f"--objective {args.objective!r} has no vendored pairs; choose from {sorted(load_default_pairs())}")
     model = load_model(args.checkpoint, args.backbone, args.device)
-    preference = reorder_preference(weights, objectives, model.objectives)
+    preferences = [reorder_preference(w, objectives, model.objectives) for w in (weights, *([against] if against else []))]
     from .features import feature_cache_root
 
     cache = None if args.no_feature_cache else feature_cache_root(args.feature_cache)
-    (result,) = arm_accuracy(
-        model, pairs, [preference], batch_pairs=args.batch_pairs, progress=not args.json, feature_cache=cache, feature_dtype=args.feature_dtype
+    margins = pair_margins(
+        model, pairs, preferences, batch_pairs=args.batch_pairs, progress=not args.json, feature_cache=cache, feature_dtype=args.feature_dtype
     )
+    result, *other = ({key: e[key] for key in ("accuracy", "n", "mean_margin")} for e in accuracy_entries(preferences, margins))
+    if other:
+        result["against"] = {"preference": args.against, **other[0], **paired_accuracy_difference(margins[0], margins[1])}
     if args.json:
-        print(json.dumps({"accuracy": result["accuracy"], "n": result["n"], "mean_margin": result["mean_margin"]}))
-    else:
-        print(f"accuracy {result['accuracy']:.4f} over {result['n']} pairs (mean margin {result['mean_margin']:.3f})")
+        print(json.dumps(result))
+        return 0
+    print(f"accuracy {result['accuracy']:.4f} over {result['n']} pairs (mean margin {result['mean_margin']:.3f})")
+    if other:
+        gap = result["against"]
+        se = "" if gap["paired_se"] is None else f" ± {gap['paired_se']:.4f} (paired SE)"
+        print(f"at --against {args.against}: accuracy {gap['accuracy']:.4f}; difference {gap['difference']:+.4f}{se}")
     return 0
 
 

@@ -13,7 +13,7 @@ from .batches import add_pair_sequences
 from .data import PreferenceCollator, load_default_pairs, split_pools
 from .features import build_feature_cache, feature_cache_root
 from .model import CONFIG_NAME, WEIGHTS_NAME, DualHeadModel
-from .objective import arm_accuracy, pair_margins
+from .objective import accuracy_entries, pair_margins, paired_accuracy_difference
 from .teachers import pooled_replies
 
 
@@ -29,15 +29,22 @@ def held_out_accuracy(
     """ARM accuracy of every objective's ``split`` pairs at one-hot and uniform preferences, and of each data source
     of an objective with several (``"harmlessness · pku-saferlhf"``); ``max_pairs`` takes a seeded sample per objective.
 
-    Returns ``{name: [{"preference", "accuracy", "n", "mean_margin"}, ...]}``.
+    Returns ``{name: [{"preference", "accuracy", "n", "mean_margin"}, ...]}``; an objective's entries at the other
+    objectives' one-hots also carry ``"own_one_hot_gain"``: the accuracy at its own one-hot minus this one's, with the
+    paired standard error (the same pairs at both; :func:`~paretoalign.objective.paired_accuracy_difference`).
     """
     preferences = card_preferences(len(model.objectives))
     results = {}
     for objective, pairs in held_out_pairs(model.objectives, split, split_seed, max_pairs).items():
-        by_source = {source: arm_accuracy(model, group, preferences, progress=progress, **kwargs) for source, group in _by_source(pairs).items()}
-        results[objective] = [_pooled([found[slot] for found in by_source.values()]) for slot in range(len(preferences))]
+        by_source = {source: pair_margins(model, group, preferences, progress=progress, **kwargs) for source, group in _by_source(pairs).items()}
+        pooled = [[m for found in by_source.values() for m in found[slot]] for slot in range(len(preferences))]
+        results[objective] = accuracy_entries(preferences, pooled)
+        own = preferences.index([float(name == objective) for name in model.objectives])
+        for slot, preference in enumerate(preferences):
+            if slot != own and max(preference) == 1.0:  # another objective's one-hot
+                results[objective][slot]["own_one_hot_gain"] = paired_accuracy_difference(pooled[own], pooled[slot])
         if len(by_source) > 1:
-            results.update({f"{objective} · {source}": found for source, found in by_source.items()})
+            results.update({f"{objective} · {source}": accuracy_entries(preferences, found) for source, found in by_source.items()})
     return results
 
 
@@ -138,16 +145,6 @@ def _label(preference: list[float]) -> str:
     return ",".join(f"{w:g}" for w in preference)
 
 
-def _pooled(parts: list[dict]) -> dict:
-    n = sum(part["n"] for part in parts)
-    return {
-        "preference": parts[0]["preference"],
-        "accuracy": sum(part["accuracy"] * part["n"] for part in parts) / n,
-        "n": n,
-        "mean_margin": sum(part["mean_margin"] * part["n"] for part in parts) / n,
-    }
-
-
 def _accuracy_table(results: dict) -> str:
     preferences = [r["preference"] for r in next(iter(results.values()))]
     header = "| objective (pairs) | " + " | ".join(f"w = ({', '.join(f'{w:g}' for w in p)})" for p in preferences) + " |"
@@ -156,7 +153,15 @@ def _accuracy_table(results: dict) -> str:
         f"| {objective} ({found[0]['n']}) | " + " | ".join(f"{r['accuracy']:.3f}" for r in found) + " |"
         for objective, found in results.items()
     ]
-    return "\n".join([header, rule, *rows])
+    gains = [
+        f"{objective} {gain['difference']:+.3f} over ({_label(entry['preference'])})"
+        + ("" if gain["paired_se"] is None else f" ± {gain['paired_se']:.3f}")
+        for objective, found in results.items()
+        for entry in found
+        if (gain := entry.get("own_one_hot_gain"))
+    ]
+    note = ["", "Each objective's accuracy at its own one-hot minus at another's (± paired standard error, the same pairs): " + "; ".join(gains) + "."]
+    return "\n".join([header, rule, *rows, *(note if gains else [])])
 
 
 def _validation_curve(log_path: Path) -> str:

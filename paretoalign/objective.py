@@ -167,7 +167,11 @@ def arm_accuracy(model: DualHeadModel, pairs: Sequence[PreferencePair], preferen
     """How often the reward head gives the chosen reply the higher reward, at each of ``preferences``: one
     ``{"preference", "accuracy", "n", "mean_margin"}`` per preference, from :func:`pair_margins` (``options``: its
     batching, lengths, progress and feature cache)."""
-    margins = pair_margins(model, pairs, preferences, **options)
+    return accuracy_entries(preferences, pair_margins(model, pairs, preferences, **options))
+
+
+def accuracy_entries(preferences: Sequence[Sequence[float]], margins: Sequence[Sequence[float]]) -> list[dict]:
+    """``{"preference", "accuracy", "n", "mean_margin"}`` per preference from each preference's pair margins."""
     return [
         {
             "preference": [float(w) for w in preference],
@@ -177,6 +181,21 @@ def arm_accuracy(model: DualHeadModel, pairs: Sequence[PreferencePair], preferen
         }
         for preference, found in zip(preferences, margins)
     ]
+
+
+def paired_accuracy_difference(margins: Sequence[float], other: Sequence[float]) -> dict:
+    """Accuracy from ``margins`` minus accuracy from ``other``, margins of the same pairs (e.g. at two preferences),
+    with the paired standard error ``std(d, ddof=1) / sqrt(n)`` of the per-pair differences ``d`` in correctness.
+
+    Returns ``{"difference", "paired_se", "n"}`` (``paired_se`` ``None`` for a single pair).
+    """
+    if len(margins) != len(other) or not margins:
+        raise ValueError(f"paired margins need the same pairs on both sides, got {len(margins)} and {len(other)}")
+    import numpy as np
+
+    d = (np.asarray(margins, dtype=float) > 0).astype(float) - (np.asarray(other, dtype=float) > 0)  # (n,)
+    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else None
+    return {"difference": float(d.mean()), "paired_se": se, "n": int(d.size)}
 
 
 def _pair_batches(

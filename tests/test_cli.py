@@ -1,8 +1,10 @@
 """The ``paretoalign generate`` command, run in-process on a tiny backbone saved to disk."""
 
+import gzip
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from paretoalign.cli import main
@@ -81,8 +83,6 @@ def test_bad_arguments_exit_with_a_message(capsys, tiny_checkpoint, argv, messag
 
 
 def test_arm_accuracy_json(capsys, tiny_checkpoint, tmp_path):
-    import gzip
-
     from paretoalign.data import DATA_DIR
 
     with gzip.open(DATA_DIR / "hh-rlhf" / "harmless-base.jsonl.gz", "rt") as source:
@@ -102,6 +102,44 @@ def test_arm_accuracy_json(capsys, tiny_checkpoint, tmp_path):
         assert cached["n"] == 6 and cached["accuracy"] == out["accuracy"]
         assert cached["mean_margin"] == pytest.approx(out["mean_margin"], abs=2e-3)
     assert len([meta for meta in (tmp_path / "features").glob("*/meta.json") if json.loads(meta.read_text())["complete"]]) == 1
+
+
+def test_arm_accuracy_against_a_second_preference(capsys, tiny_checkpoint, tmp_path):
+    from paretoalign.data import DATA_DIR, load_pairs
+    from paretoalign.model import DualHeadModel
+    from paretoalign.objective import pair_margins
+
+    pairs_file = tmp_path / "pairs.jsonl"
+    with gzip.open(DATA_DIR / "hh-rlhf" / "helpful-base.jsonl.gz", "rt") as source:
+        pairs_file.write_text("".join(next(source) for _ in range(8)))
+    argv = ["arm-accuracy", "--data", str(pairs_file), "--objective", "helpfulness", "--preference", "1,0",
+            "--checkpoint", tiny_checkpoint, "--no-feature-cache"]
+    assert main([*argv, "--against", "0,1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    first, second = pair_margins(DualHeadModel.from_pretrained(tiny_checkpoint), load_pairs(pairs_file, objective="helpfulness"), [[1.0, 0.0], [0.0, 1.0]])
+    d = np.array([float(a > 0) - float(b > 0) for a, b in zip(first, second)])  # per pair: correct at (1,0) minus at (0,1)
+    assert out["accuracy"] == pytest.approx(np.mean(np.array(first) > 0))
+    against = out["against"]
+    assert against["preference"] == "0,1" and against["accuracy"] == pytest.approx(np.mean(np.array(second) > 0))
+    assert against["difference"] == pytest.approx(out["accuracy"] - against["accuracy"]) == pytest.approx(d.mean())
+    assert against["paired_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(8)) and against["n"] == 8
+    assert main(argv + ["--against", "0,1"]) == 0
+    assert "at --against 0,1: accuracy" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*argv, "--against", "0.7,0.7"])
+    assert "--against '0.7,0.7'" in capsys.readouterr().err
+
+
+def test_paired_accuracy_difference_by_hand():
+    from paretoalign.objective import paired_accuracy_difference
+
+    # correct at the first: 1, 1, 0, 1; at the second: 0, 1, 0, 0 -> d = 1, 0, 0, 1: mean 0.5, std(ddof=1) 0.5774
+    found = paired_accuracy_difference([0.3, 0.1, -0.2, 2.0], [-0.1, 0.4, -0.5, -3.0])
+    assert found["difference"] == pytest.approx(0.5) and found["n"] == 4
+    assert found["paired_se"] == pytest.approx(np.std([1, 0, 0, 1], ddof=1) / 2)
+    assert paired_accuracy_difference([1.0], [-1.0]) == {"difference": 1.0, "paired_se": None, "n": 1}
+    with pytest.raises(ValueError, match="the same pairs on both sides, got 2 and 1"):
+        paired_accuracy_difference([1.0, 2.0], [1.0])
 
 
 def test_arm_accuracy_on_a_split_scores_the_sample_a_card_scores(capsys, tiny_checkpoint, tmp_path):

@@ -335,6 +335,9 @@ def test_conflict_pairs_follow_the_preference_or_not(backbone, tokenizer, small_
     assert conflicts["harmlessness-vs-helpfulness"] == {"pairs": 0}
     entry = conflicts["helpfulness-vs-harmlessness"]
     first, _, second = accuracy["helpfulness"]  # at (1, 0), (0.5, 0.5), (0, 1)
+    gain = second["own_one_hot_gain"]  # helpfulness at its own one-hot (1, 0) minus at (0, 1), on the same pairs
+    assert gain["difference"] == pytest.approx(first["accuracy"] - second["accuracy"]) and gain["n"] == first["n"]
+    assert "own_one_hot_gain" not in first and "own_one_hot_gain" in accuracy["harmlessness"][0]
     assert entry["pairs"] == first["n"]
     assert entry["agrees-with-helpfulness@1,0"] == pytest.approx(first["accuracy"])
     assert entry["agrees-with-harmlessness@0,1"] == pytest.approx(1.0 - second["accuracy"])
