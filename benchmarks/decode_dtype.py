@@ -103,7 +103,7 @@ def teacher_forced(model, prompts, preference, answers) -> tuple[int, int]:
     for prompt, answer in zip(prompts, answers):
         if not answer.token_ids:
             continue
-        _, ids, mask, rows = prepare_batch(model, [prompt], preference)
+        _, ids, mask, rows, _ = prepare_batch(model, [prompt], preference)
         reply = torch.tensor([answer.token_ids], device=ids.device)
         out = model(torch.cat([ids, reply], dim=1), torch.cat([mask, torch.ones_like(reply)], dim=1), rows)
         span = slice(ids.shape[1] - 1, ids.shape[1] - 1 + reply.shape[1])  # the logits at position t choose token t + 1

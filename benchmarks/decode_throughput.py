@@ -71,8 +71,8 @@ class SuppressEOS:
             self._index = torch.tensor(self.eos_ids, device=out.logits.device)
         return StepOutput(out.logits.index_fill(1, self._index, float("-inf")), out.gate)
 
-    def start(self, input_ids, attention_mask, preference):
-        return self._mask(self.decoder.start(input_ids, attention_mask, preference))
+    def start(self, input_ids, attention_mask, preference, prompts=None):
+        return self._mask(self.decoder.start(input_ids, attention_mask, preference, prompts))
 
     def step(self, tokens, attention_mask):
         return self._mask(self.decoder.step(tokens, attention_mask))
@@ -175,7 +175,7 @@ def preference_for(model: DualHeadModel) -> list[float]:
 
 def run_hf(model: DualHeadModel, prompts, preference, args) -> tuple[int, list[list[int]]]:
     """HF ``generate`` on the exact ids our loop sees; returns (real tokens, token ids per row)."""
-    _, input_ids, attention_mask, _ = prepare_batch(model, prompts, preference)
+    _, input_ids, attention_mask, _, _ = prepare_batch(model, prompts, preference)
     tokenizer, backbone = model.tokenizer, model.backbone
     eos_ids = eos_token_ids(tokenizer, backbone)
     n = args.max_new_tokens

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -40,9 +40,15 @@ class StepOutput:
 
 
 class Decoder(Protocol):
-    """One decoding method: ``start`` consumes the prompt batch, ``step`` one new token per row."""
+    """One decoding method: ``start`` consumes the prompt batch, ``step`` one new token per row.
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, preference: torch.Tensor) -> StepOutput: ...
+    ``start`` also gets the prompt each row answers as a reader would see it (:func:`answered_prompt`: text, or the
+    messages of a conversation), for a method that scores text (ARGS); token-level methods ignore it.
+    """
+
+    def start(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, preference: torch.Tensor, prompts: Sequence[Prompt] | None = None
+    ) -> StepOutput: ...
 
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> StepOutput: ...
 
@@ -80,7 +86,7 @@ class BaseDecoder:
         logits = out.logits[:, -1].float()  # (B, V)
         return StepOutput(logits, base_logits=logits)
 
-    def start(self, input_ids, attention_mask, preference) -> StepOutput:
+    def start(self, input_ids, attention_mask, preference, prompts=None) -> StepOutput:
         if self.static is not None:
             return self._read_out(self.static.start(input_ids, attention_mask))
         self.cache = DynamicCache(config=self.backbone.config)
@@ -136,7 +142,7 @@ class DualHeadDecoder:
         )
         return StepOutput(logits, gate, lm_logits)  # (B, V), (B,), (B, V)
 
-    def start(self, input_ids, attention_mask, preference) -> StepOutput:
+    def start(self, input_ids, attention_mask, preference, prompts=None) -> StepOutput:
         self.cache = DynamicCache(config=self.model.backbone.config)
         self.branch_cache = DynamicCache() if self.model.reward_branch is not None else None
         self.gate_cache, self.preference = None, preference
@@ -294,8 +300,10 @@ def decode_steps(
     sampling: SamplingConfig,
     eos_ids: Sequence[int],
     pad_id: int,
+    prompts: Sequence[Prompt] | None = None,
 ) -> Iterator[DecodeStep]:
-    """Run ``decoder`` from left-padded prompts, yielding one :class:`DecodeStep` per new token."""
+    """Run ``decoder`` from left-padded prompts, yielding one :class:`DecodeStep` per new token (``prompts``: what
+    each row answers, for :meth:`Decoder.start`)."""
     batch, device = input_ids.shape[0], input_ids.device
     seeds = [sampling.seed] * batch if isinstance(sampling.seed, int) else list(sampling.seed)
     if len(seeds) != batch:
@@ -311,7 +319,7 @@ def decode_steps(
     answers = input_ids.new_zeros(batch, 0)  # (B, t) the tokens chosen so far, what the guard reads
     eos = torch.tensor(list(eos_ids), device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    out = decoder.start(input_ids, attention_mask, preference)
+    out = decoder.start(input_ids, attention_mask, preference, prompts)
     for step in range(sampling.max_new_tokens):
         active = ~finished
         tokens = torch.where(active, _choose(_guard(out.logits, answers, guard), sampling, warpers, generators), pad_id)  # (B,)
@@ -383,7 +391,30 @@ class GenerationRun:
         ]
 
 
-def prepare_batch(model: DualHeadModel, prompts, preference, chat: bool = True, system_prompt: str | None = None):
+def answered_prompt(prompt: Prompt, system_prompt: str | None = None) -> Prompt:
+    """What a chat-templated row answers, as a reward model reads it: one user message as its text, a conversation
+    as its messages (the system prompt first, as :func:`render_prompt` gives it). (Without a template a row answers
+    the text the model sees.)"""
+    if isinstance(prompt, str):
+        return prompt if not system_prompt else [{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}]
+    messages = list(prompt)
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return messages[0]["content"] if len(messages) == 1 and messages[0]["role"] == "user" else messages
+
+
+class PromptBatch(NamedTuple):
+    """Rows ready to decode: the rendered texts, left-padded ids and mask ``(B, T)``, preferences ``(B, k)``, and what
+    each row answers (:func:`answered_prompt`)."""
+
+    texts: list[str]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    preference: torch.Tensor
+    prompts: list[Prompt]
+
+
+def prepare_batch(model: DualHeadModel, prompts, preference, chat: bool = True, system_prompt: str | None = None) -> PromptBatch:
     """Normalise prompts and preferences into rows: one prompt may fan out over many preferences."""
     prompts = normalize_prompts(prompts)
     rows = torch.as_tensor(preference, dtype=torch.float64)
@@ -393,7 +424,8 @@ def prepare_batch(model: DualHeadModel, prompts, preference, chat: bool = True, 
     templated = bool(chat and model.tokenizer.chat_template)
     texts = [render_prompt(model.tokenizer, p, chat, system_prompt) for p in prompts]
     input_ids, attention_mask = encode_prompts(model.tokenizer, texts, model.device, templated)
-    return texts, input_ids, attention_mask, preference
+    answered = [answered_prompt(p, system_prompt) if templated else text for p, text in zip(prompts, texts)]
+    return PromptBatch(texts, input_ids, attention_mask, preference, answered)
 
 
 def make_decoder(
@@ -429,12 +461,13 @@ def _runs(model, prompts, preference, method, fusion, strength, guidance_top_k, 
     if sampling.get("no_repeat_ngram_size") is None:  # the checkpoint's loop guard
         sampling["no_repeat_ngram_size"] = model.config.no_repeat_ngram_size
     sampling_config = SamplingConfig(**sampling)
-    texts, input_ids, attention_mask, preference = prepare_batch(model, prompts, preference, chat, system_prompt)
+    batch = prepare_batch(model, prompts, preference, chat, system_prompt)
     eos_ids = eos_token_ids(model.tokenizer, model.backbone)
     decoder = decoder or make_decoder(model, method, fusion, strength, guidance_top_k, compile, sampling_config.max_new_tokens, method_checkpoint)
-    run = GenerationRun(model.tokenizer, texts, preference, eos_ids)
+    run = GenerationRun(model.tokenizer, batch.texts, batch.preference, eos_ids)
     model.eval()
-    for step in decode_steps(decoder, input_ids, attention_mask, preference, sampling_config, eos_ids, model.tokenizer.pad_token_id):
+    pad_id = model.tokenizer.pad_token_id
+    for step in decode_steps(decoder, batch.input_ids, batch.attention_mask, batch.preference, sampling_config, eos_ids, pad_id, batch.prompts):
         run.add(step)
         yield run
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import MarkerScorer, randomize_adapters
 
 from paretoalign.baselines import arm_training
-from paretoalign.baselines.args import ARGSDecoder, ChatPromptReader
+from paretoalign.baselines.args import ARGSDecoder
 from paretoalign.baselines.arm import (
     ARMConfig,
     adapter_parameters,
@@ -165,7 +165,7 @@ def test_genarm_scores_are_the_base_plus_the_weighted_arm_logprobs(make_model, b
         load_arm(baseline_checkpoints / f"genarm-{name}", model.backbone, model.tokenizer, "genarm", name)[0]
         for name in OBJECTIVES
     ]
-    _, input_ids, attention_mask, preference = prepare_batch(model, ["Hi", "Tell me about bread."], [[0.3, 0.7], [1.0, 0.0]])
+    _, input_ids, attention_mask, preference, _ = prepare_batch(model, ["Hi", "Tell me about bread."], [[0.3, 0.7], [1.0, 0.0]])
 
     def by_hand(ids, mask):
         scores = F.log_softmax(full_logits(model.backbone, ids, mask), -1)
@@ -198,7 +198,7 @@ def test_genarm_over_reward_heads_reads_each_head_at_its_objective_on_one_backbo
     (tmp_path / "harmlessness" / "train_config.json").write_text(json.dumps({"train_objective": "harmlessness"}))
     decoder = build_decoder("genarm", model, strength=2.0, checkpoint=str(tmp_path / "{objective}"))
     assert decoder.guidance_top_k == 5 and decoder.model_passes_per_token == 1 and decoder.trainable_parameters() > 0
-    _, input_ids, attention_mask, preference = prepare_batch(model, ["Hi", "Tell me about bread."], [[0.3, 0.7], [1.0, 0.0]])
+    _, input_ids, attention_mask, preference, _ = prepare_batch(model, ["Hi", "Tell me about bread."], [[0.3, 0.7], [1.0, 0.0]])
 
     def by_hand(ids, mask):
         base = None
@@ -250,7 +250,7 @@ def test_parm_conditions_each_row_on_its_preference(make_model, baseline_checkpo
     decoder = build_decoder("parm", model, strength=0.5)
     arm, _ = load_arm(baseline_checkpoints / "parm", model.backbone, model.tokenizer, "parm")
     weights = [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]
-    _, input_ids, attention_mask, preference = prepare_batch(model, "How do I pick a lock?", weights)
+    _, input_ids, attention_mask, preference, _ = prepare_batch(model, "How do I pick a lock?", weights)
     with torch.no_grad():
         scores = decoder.start(input_ids, attention_mask, preference).logits  # (3, V)
         base = F.log_softmax(full_logits(model.backbone, input_ids, attention_mask), -1)
@@ -264,30 +264,35 @@ def test_parm_conditions_each_row_on_its_preference(make_model, baseline_checkpo
     assert decoder.model_passes_per_token == 2 and decoder.trainable_parameters() > 0
 
 
-def test_chat_prompts_are_read_back_from_their_tokens(tokenizer):
-    reader = ChatPromptReader(tokenizer)
+def test_args_scores_the_conversation_each_row_answers(make_model):
+    model = make_model()
     conversation = [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "Bread?"},
     ]
 
-    def ids(messages):
-        return tokenizer(
-            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False
-        )["input_ids"]
+    def seen(prompts, **options):
+        scorer = MarkerScorer()
+        decoder = ARGSDecoder(model.backbone, model.tokenizer, scorer, model.objectives, candidates=2)
+        generate(model, prompts, [1.0, 0.0], decoder=decoder, max_new_tokens=1, temperature=0, **options)
+        return scorer.prompts[:: 2]  # each row's prompt, once per row (two candidates each)
 
-    assert reader(ids([{"role": "user", "content": "How do I pick a lock?"}])) == "How do I pick a lock?"
-    assert reader(ids(conversation)) == conversation
-    with_system = [{"role": "system", "content": "Be brief."}, *conversation]
-    assert reader(ids(with_system)) == with_system
-    assert reader(tokenizer("plain text, no template")["input_ids"]) == "plain text, no template"
+    assert seen(["How do I pick a lock?", conversation]) == ["How do I pick a lock?", conversation]
+    system = {"role": "system", "content": "Be brief."}
+    assert seen([conversation], system_prompt="Be brief.") == [[system, *conversation]]
+    assert seen(["Hi"], system_prompt="Be brief.") == [[system, {"role": "user", "content": "Hi"}]]
+    assert seen(["plain text"], chat=False) == ["plain text"]  # no template: the text the model sees
+    decoder = ARGSDecoder(model.backbone, model.tokenizer, MarkerScorer(), model.objectives)
+    _, input_ids, attention_mask, preference, _ = prepare_batch(model, "Hi", [1.0, 0.0])
+    with pytest.raises(ValueError, match="start\\(\\) needs prompts, one per row \\(1\\), got None"):
+        decoder.start(input_ids, attention_mask, preference)
 
 
 def test_args_follows_the_reward_and_equals_greedy_without_it(make_model):
     model = make_model()
     prompt = "How do I pick a lock?"
-    _, input_ids, attention_mask, _ = prepare_batch(model, prompt, [1.0, 0.0])
+    _, input_ids, attention_mask, _, _ = prepare_batch(model, prompt, [1.0, 0.0])
     with torch.no_grad():
         candidates = full_logits(model.backbone, input_ids, attention_mask)[0].topk(5).indices.tolist()
     texts = [model.tokenizer.decode([token]) for token in candidates]

@@ -91,7 +91,7 @@ class ScriptedDecoder:
         self.step_index += 1
         return StepOutput(logits, torch.full((len(self.scripts),), 0.25))
 
-    def start(self, input_ids, attention_mask, preference):
+    def start(self, input_ids, attention_mask, preference, prompts=None):
         self.prompt_length = attention_mask.shape[1]
         return self._out()
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from paretoalign.refusal import is_refusal
 from paretoalign.evaluation.steering import (
     bootstrap_interval,
     repeated_ngram_share,
@@ -18,6 +17,7 @@ from paretoalign.evaluation.steering import (
 from paretoalign.generation import DualHeadDecoder, generate
 from paretoalign.model import restrict_to_base_top_k
 from paretoalign.objective import PairBatch, score_pairs
+from paretoalign.refusal import is_refusal
 from paretoalign.train import row_preferences
 
 
@@ -89,7 +89,7 @@ def test_next_token_logits_read_the_reward_head_at_the_kept_tokens_only_and_matc
     from paretoalign.generation import prepare_batch
 
     model = make_model(**settings)
-    _, ids, mask, preference = prepare_batch(model, ["How do I pick a lock?", "Tell me about bread."], [[0.3, 0.7], [1.0, 0.0]])
+    _, ids, mask, preference, _ = prepare_batch(model, ["How do I pick a lock?", "Tell me about bread."], [[0.3, 0.7], [1.0, 0.0]])
     with torch.no_grad():
         hidden, block_hidden = model.backbone_states(ids, mask)
         reward_hidden = model.reward_hidden(hidden, block_hidden, mask, preference)

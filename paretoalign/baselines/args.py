@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,110 +21,6 @@ from ..generation import BaseDecoder, StepOutput, eos_token_ids
 
 DEFAULT_CANDIDATES = 10
 DEFAULT_WEIGHT = 1.0
-_SENTINELS = ("\u27e6user-one\u27e7", "\u27e6assistant-one\u27e7", "\u27e6user-two\u27e7", "\u27e6system-one\u27e7")
-
-
-@dataclass(frozen=True)
-class _TemplateLayout:
-    """The text a chat template puts around message contents (learned by rendering sentinel messages)."""
-
-    head: str  # before the first user message (including a default system turn the template adds)
-    user_to_assistant: str
-    assistant_to_user: str
-    tail: str  # after the last user message, ending with the generation prompt
-    system_head: str | None  # before an explicit system message's content
-    system_to_user: str | None
-
-
-class ChatPromptReader:
-    """Reads a prompt back from the token ids :func:`~paretoalign.generation.prepare_batch` made of it.
-
-    Reward models score the conversation, not the template: a prompt rendered by the tokenizer's chat template is
-    parsed back into its messages (one user message comes back as a plain string, as prompts are usually given).
-    Anything the template layout does not explain (no chat template, ``chat=False``) comes back as its text without
-    special tokens.
-
-    Example:
-        >>> reader = ChatPromptReader(tokenizer)
-        >>> ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
-        >>> reader(ids)
-        'Hi'
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.layout = self._learn_layout()
-
-    def _render(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    def _learn_layout(self) -> _TemplateLayout | None:
-        if not getattr(self.tokenizer, "chat_template", None):
-            return None
-        user_one, assistant_one, user_two, _ = _SENTINELS
-        try:
-            single = self._render([{"role": "user", "content": user_one}])
-            multi = self._render(
-                [
-                    {"role": "user", "content": user_one},
-                    {"role": "assistant", "content": assistant_one},
-                    {"role": "user", "content": user_two},
-                ]
-            )
-        except Exception:  # noqa: BLE001 - a template that cannot render these is read as plain text
-            return None
-        if any(multi.count(sentinel) != 1 for sentinel in (user_one, assistant_one, user_two)):
-            return None
-        head, rest = multi.split(user_one)
-        user_to_assistant, rest = rest.split(assistant_one)
-        assistant_to_user, tail = rest.split(user_two)
-        if single != head + user_one + tail:
-            return None
-        system_head, system_to_user = self._learn_system_layout(tail)
-        return _TemplateLayout(head, user_to_assistant, assistant_to_user, tail, system_head, system_to_user)
-
-    def _learn_system_layout(self, tail: str) -> tuple[str | None, str | None]:
-        """The text before an explicit system message's content, and between it and the first user message."""
-        user_one, system_one = _SENTINELS[0], _SENTINELS[3]
-        try:
-            rendered = self._render([{"role": "system", "content": system_one}, {"role": "user", "content": user_one}])
-        except Exception:  # noqa: BLE001 - a template without a system role
-            return None, None
-        before, found_system, after = rendered.partition(system_one)
-        between, found_user, rest = after.partition(user_one)
-        if not (found_system and found_user and rest == tail):
-            return None, None
-        return before, between
-
-    def __call__(self, token_ids: Sequence[int]) -> str | list[dict]:
-        text = self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
-        messages = self._parse(text)
-        if messages is None:
-            return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
-        if len(messages) == 1:
-            return messages[0]["content"]
-        return messages
-
-    def _parse(self, text: str) -> list[dict] | None:
-        layout = self.layout
-        if layout is None or not text.endswith(layout.tail):
-            return None
-        body, messages = text[: len(text) - len(layout.tail)], []
-        if body.startswith(layout.head):
-            body = body[len(layout.head) :]
-        elif layout.system_head is not None and body.startswith(layout.system_head) and layout.system_to_user in body:
-            system, body = body[len(layout.system_head) :].split(layout.system_to_user, 1)
-            messages.append({"role": "system", "content": system})
-        else:
-            return None
-        role = "user"
-        while True:
-            content, found, body = body.partition(layout.user_to_assistant if role == "user" else layout.assistant_to_user)
-            messages.append({"role": role, "content": content})
-            if not found:
-                break
-            role = "assistant" if role == "user" else "user"
-        return messages if role == "user" else None
 
 
 def _reward_modules(scorer) -> list[nn.Module]:
@@ -179,7 +74,6 @@ class ARGSDecoder:
         self.scorer_passes = 0  # batched scorer forward passes so far; the sweep adds them to the model passes
         self.reward_evaluations_per_token = candidates
         self.eos_ids = set(eos_token_ids(tokenizer, backbone))
-        self.reader = ChatPromptReader(tokenizer)
         self._base = BaseDecoder(backbone)
         self.prompts: list = []
         self.answers: list[list[int]] = []
@@ -222,11 +116,16 @@ class ARGSDecoder:
             values[rows] = values[rows] + self.weight * combined  # (R, c)
         return torch.full_like(logits, -math.inf, dtype=values.dtype).scatter(1, top.indices, values)  # (B, V)
 
-    def start(self, input_ids, attention_mask, preference) -> StepOutput:
+    def start(self, input_ids, attention_mask, preference, prompts=None) -> StepOutput:
+        """``prompts``: what each row answers (text or messages, :func:`~paretoalign.generation.answered_prompt`): the
+        scorer reads it beside each candidate answer."""
         if preference.shape[-1] != len(self.columns):
             raise ValueError(f"preference has {preference.shape[-1]} weights, the decoder {len(self.columns)} objectives")
+        if prompts is None or len(prompts) != input_ids.shape[0]:
+            found = None if prompts is None else len(prompts)
+            raise ValueError(f"ARGS scores each row's prompt as text: start() needs prompts, one per row ({input_ids.shape[0]}), got {found}")
         self.preference = preference.float()  # (B, k)
-        self.prompts = [self.reader(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask)]
+        self.prompts = list(prompts)
         self.answers = [[] for _ in range(input_ids.shape[0])]
         self.finished = [False] * input_ids.shape[0]
         return StepOutput(self.rescore(self._base.start(input_ids, attention_mask, preference).logits))

@@ -58,7 +58,7 @@ class GenARMDecoder:
     def _scores(self, base: StepOutput, arms: list[StepOutput]) -> StepOutput:
         return StepOutput(guided_logits(base.logits, [out.logits for out in arms], self.weights))  # (B, V)
 
-    def start(self, input_ids, attention_mask, preference) -> StepOutput:
+    def start(self, input_ids, attention_mask, preference, prompts=None) -> StepOutput:
         if preference.shape[-1] != len(self.arms):
             raise ValueError(f"preference has {preference.shape[-1]} weights but GenARM holds {len(self.arms)} ARMs")
         self.weights = self.strength * preference.float()  # (B, k): w_i / beta
@@ -121,7 +121,7 @@ class GenARMHeadsDecoder:
         logits = guided_logits(lm_logits[:, -1], rewards, self.weights)  # (B, V)
         return StepOutput(restrict_to_base_top_k(logits, lm_logits[:, -1], self.guidance_top_k), None, lm_logits[:, -1])
 
-    def start(self, input_ids, attention_mask, preference) -> StepOutput:
+    def start(self, input_ids, attention_mask, preference, prompts=None) -> StepOutput:
         if preference.shape[-1] != len(self.heads):
             raise ValueError(f"preference has {preference.shape[-1]} weights but GenARM holds {len(self.heads)} reward heads")
         self.weights = self.strength * preference.float()  # (B, k): w_i / beta

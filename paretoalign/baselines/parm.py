@@ -42,7 +42,7 @@ class PARMDecoder:
         """The ARM's PBLoRA weights (the backbone copy under them is frozen)."""
         return adapter_size(self.arm)
 
-    def start(self, input_ids, attention_mask, preference) -> StepOutput:
+    def start(self, input_ids, attention_mask, preference, prompts=None) -> StepOutput:
         arm_preference = preference if self.columns is None else preference[:, self.columns]  # (B, k) in the ARM's order
         bind_preference(self.arm, arm_preference)
         self.weights = preference.new_full((preference.shape[0], 1), self.strength)  # (B, 1): 1 / beta
