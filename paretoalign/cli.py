@@ -336,21 +336,18 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def _add_train_scorer(subparsers) -> None:
-    parser = subparsers.add_parser("train-scorer", help="train the offline MiniLM reward scorer (reproduces checkpoints/reward-minilm)")
-    parser.add_argument("--out", default=None, help="checkpoint directory to write (default: checkpoints/reward-minilm)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the heads' initialisation and minibatch order")
-    parser.add_argument("--epochs", type=int, default=None, help="passes over the training pairs (default: 60)")
-    parser.add_argument("--embedding-cache", default=None, help="where encoder embeddings are cached (default: the user cache)")
-    parser.add_argument("--device", default="cpu", help="where the encoder and heads run")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.set_defaults(handler=run_train_scorer)
+    from .scorers.training import ScorerTrainConfig
+
+    _add_config_command(
+        subparsers, "train-scorer", ScorerTrainConfig, run_train_scorer,
+        "train the offline MiniLM reward scorer (reproduces checkpoints/reward-minilm)",
+    )
 
 
 def run_train_scorer(args: argparse.Namespace) -> int:
-    from .scorers.training import ScorerTrainConfig, train_scorer
+    from .scorers.training import train_scorer
 
-    overrides = {"output_dir": args.out, "epochs": args.epochs, "embedding_cache": args.embedding_cache}
-    config = ScorerTrainConfig(seed=args.seed, device=args.device, **{key: value for key, value in overrides.items() if value is not None})
+    config = _config(args)
     summary = train_scorer(config, progress=not args.no_progress)
     for objective, result in summary["results"].items():
         test, validation = result["test"], result["validation"]

@@ -49,7 +49,7 @@ CHUNK_SIZE = 512
 class ScorerTrainConfig:
     """Hyper-parameters of :func:`train_scorer`; recorded in the checkpoint's ``scorer_config.json``."""
 
-    output_dir: str = field(default=str(DEFAULT_SCORER_DIR), metadata={"help": "checkpoint directory to write"})
+    output_dir: str = field(default=str(DEFAULT_SCORER_DIR), metadata={"help": "checkpoint directory to write", "aliases": ["--out"]})
     seed: int = field(default=0, metadata={"help": "seed of the head initialisation and minibatch order"})
     split_seed: int = field(default=0, metadata={"help": "seed of split_pairs (the shipped splits use 0)"})
     features: list[str] = field(
