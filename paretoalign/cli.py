@@ -309,6 +309,10 @@ def _add_report(subparsers) -> None:
     parser.add_argument(
         "--out", default=None, help="where to write report.md, pareto_front.html/png, summary.json (default: --results; needed with several)"
     )
+    parser.add_argument(
+        "--labels", nargs="+", default=None,
+        help="one name per --results sweep, telling apart a method met in several, e.g. 'dualhead (shipped)' (default: the folders)",
+    )
     parser.add_argument("--no-png", action="store_true", help="skip the static PNG export")
     parser.add_argument(
         "--bootstrap", type=int, default=1000,
@@ -323,7 +327,7 @@ def run_report(args: argparse.Namespace) -> int:
 
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap must be 0 (no intervals) or a positive number of resamples, got {args.bootstrap}")
-    summary = write_report(args.results, args.out, png=not args.no_png, bootstrap=args.bootstrap)
+    summary = write_report(args.results, args.out, png=not args.no_png, bootstrap=args.bootstrap, labels=args.labels)
     if args.json:
         print(json.dumps(json_summary(summary), ensure_ascii=False))
         return 0

@@ -385,6 +385,12 @@ def test_several_sweeps_share_one_normalisation(tmp_path, capsys):
     assert methods["base"]["hv"] == pytest.approx(0.2 * 0.2)
     with pytest.raises(ValueError, match="out is required"):
         write_report([tmp_path / "one", tmp_path / "two"])
+    labelled = ["--labels", "first", "second"]
+    assert main(["report", "--results", str(tmp_path / "one"), str(tmp_path / "two"), "--out", str(out), "--json", "--no-png", *labelled]) == 0
+    methods = json.loads(capsys.readouterr().out)["methods"]
+    assert set(methods) == {"a (first)", "a (second)", "base"} and methods["a (first)"]["hv"] == pytest.approx(0.6 * 0.6)
+    with pytest.raises(ValueError, match=r"labels must name each of the 2 sweeps once, distinct and non-empty, got \['x', 'x'\]"):
+        write_report([tmp_path / "one", tmp_path / "two"], out, labels=["x", "x"])
     (tmp_path / "two" / sweep.SETTINGS_NAME).write_text(json.dumps({**settings, "prompts": {"fingerprint": "other"}}))
     with pytest.raises(ValueError, match="decoded other prompts"):
         write_report([tmp_path / "one", tmp_path / "two"], out)

@@ -401,16 +401,21 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def load_sweeps(directories: Sequence[str | os.PathLike]) -> tuple[dict, list[dict], list[dict]]:
+def load_sweeps(directories: Sequence[str | os.PathLike], labels: Sequence[str] | None = None) -> tuple[dict, list[dict], list[dict]]:
     """Several sweeps of the same prompts and objectives as one: ``(settings, rows, method_runs)``.
 
     The settings are the first sweep's, with every method listed; a method met in more than one sweep (two
-    checkpoints' ``dualhead``, a base model with and without a loop guard) is named ``method (folder)`` after its
-    sweep's folder, so every method's points share one normalisation for HV and MIP.
+    checkpoints' ``dualhead``, a base model with and without a loop guard) is named ``method (label)`` after its
+    sweep's label (``labels``, one per sweep; default its folder), so every method's points share one
+    normalisation for HV and MIP.
     """
     directories = [Path(d).expanduser() for d in directories]
     if not directories:
         raise ValueError("results needs at least one sweep directory")
+    if labels is not None:
+        labels = [str(label) for label in labels]
+        if len(labels) != len(directories) or len(set(labels)) != len(labels) or not all(label.strip() for label in labels):
+            raise ValueError(f"labels must name each of the {len(directories)} sweeps once, distinct and non-empty, got {labels}")
     loaded = [(directory, *load_sweep(directory)) for directory in directories]
     first_dir, settings = directories[0], loaded[0][1]
     for directory, other, _, _ in loaded[1:]:
@@ -427,6 +432,8 @@ def load_sweeps(directories: Sequence[str | os.PathLike]) -> tuple[dict, list[di
     # a folder named like the prompt set ("harmful") is told apart by its parent's name
     distinct = len({d.name for d in directories}) == len(directories)
     names = {d: d.name if distinct else f"{d.parent.name}/{d.name}" for d in directories}
+    if labels is not None:
+        names = dict(zip(directories, labels))
 
     def rename(method: str, directory: Path) -> str:
         return method if counts.get(method, 0) <= 1 else f"{method} ({names[directory]})"
@@ -439,7 +446,11 @@ def load_sweeps(directories: Sequence[str | os.PathLike]) -> tuple[dict, list[di
 
 
 def write_report(
-    results: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike | None = None, png: bool = True, bootstrap: int = 1000
+    results: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    png: bool = True,
+    bootstrap: int = 1000,
+    labels: Sequence[str] | None = None,
 ) -> dict:
     """Write ``report.md``, ``pareto_front.html``, ``pareto_front.png`` (when static export works) and ``summary.json``.
 
@@ -449,6 +460,7 @@ def write_report(
         out: where to write (default: ``results``; required with several sweeps).
         png: try the static PNG export (plotly needs ``kaleido`` and a Chrome); a failure is recorded, not raised.
         bootstrap: resamples for the HV/MIP intervals (:func:`front_intervals`); 0 skips them.
+        labels: one name per sweep, telling apart a method met in several (default: the sweeps' folders).
 
     Returns:
         The summary, with ``files`` naming what was written and ``png_skipped`` the reason a PNG was not.
@@ -456,7 +468,7 @@ def write_report(
     several = not isinstance(results, (str, os.PathLike))
     if several and len(results) > 1 and out is None:
         raise ValueError("out is required when results names several sweeps")
-    settings, rows, method_runs = load_sweeps(results if several else [results])
+    settings, rows, method_runs = load_sweeps(results if several else [results], labels)
     if several:
         results = results[0]
     if not rows:
