@@ -214,14 +214,23 @@ def test_genarm_over_reward_heads_reads_each_head_at_its_objective_on_one_backbo
         keep = base.topk(5, -1).indices
         return torch.full_like(fused, float("-inf")).scatter(-1, keep, fused.gather(-1, keep))
 
+    def same_choice(scores, expected):  # equal up to a per-row constant: the same distribution over the kept tokens
+        torch.testing.assert_close(scores.log_softmax(-1), expected.log_softmax(-1))
+
     with torch.no_grad():
         first = decoder.start(input_ids, attention_mask, preference).logits
-        torch.testing.assert_close(first, by_hand(input_ids, attention_mask))
+        same_choice(first, by_hand(input_ids, attention_mask))
         assert (first > float("-inf")).sum(-1).tolist() == [5, 5]
         tokens = first.argmax(-1)[:, None]
         attention_mask = torch.cat([attention_mask, torch.ones_like(tokens)], dim=1)
         second = decoder.step(tokens, attention_mask).logits  # continues from the shared cache
-        torch.testing.assert_close(second, by_hand(torch.cat([input_ids, tokens], dim=1), attention_mask))
+        same_choice(second, by_hand(torch.cat([input_ids, tokens], dim=1), attention_mask))
+        # over the whole vocabulary (no top-k) the heads are read out in full and the scores are GenARM's exactly
+        whole = build_decoder("genarm", model, strength=2.0, guidance_top_k=0, checkpoint=str(tmp_path / "{objective}"))
+        full = whole.start(input_ids[:1], attention_mask[:1, : input_ids.shape[1]], preference[:1]).logits
+        assert not whole.read_out_top_k and decoder.read_out_top_k
+        restricted = full.gather(-1, first[:1].topk(5, -1).indices)
+        torch.testing.assert_close(restricted.log_softmax(-1), first[:1].topk(5, -1).values.log_softmax(-1))
 
     template = str(tmp_path / "{objective}")
     assert build_decoder("genarm", model, checkpoint=template).strength == heads[0].config.strength  # the heads' own default

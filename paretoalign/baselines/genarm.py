@@ -76,6 +76,8 @@ class GenARMHeadsDecoder:
     Head ``i`` (a :class:`~paretoalign.model.DualHeadModel` trained for objective ``i`` alone) is read at that
     objective's one-hot preference; the next-token scores are ``log_softmax(z_LM) + strength · sum_i w_i ·
     log_softmax(z_RM_i)`` restricted to the frozen LM's ``guidance_top_k`` likeliest tokens, as the Dual-Head's.
+    Within a top-k the heads are read out at the kept tokens only, so the scores are those less a per-row constant
+    (the same choices and sampling distribution, without a vocabulary-wide product per head).
 
     Example:
         >>> heads = [DualHeadModel.from_pretrained(d, backbone=model.backbone, tokenizer=model.tokenizer) for d in dirs]
@@ -98,6 +100,9 @@ class GenARMHeadsDecoder:
         self.strength = float(strength)
         top_k = heads[0].config.guidance_top_k if guidance_top_k is None else guidance_top_k
         self.guidance_top_k = check_guidance_top_k(top_k)
+        vocab = backbone.get_output_embeddings().out_features
+        # within a top-k, each head is read out at the kept tokens only (not for a full-rank head: no such shortcut)
+        self.read_out_top_k = 0 < self.guidance_top_k < vocab and all(head.reward_head.kind != "full_rank" for head in heads)
         self.model_passes_per_token = 1
         self.cache: DynamicCache | None = None
         self.weights: torch.Tensor | None = None
@@ -114,12 +119,23 @@ class GenARMHeadsDecoder:
             self.contexts = [head.prompt_context(hidden, attention_mask) for head in self.heads]  # (B, d) or None each
         last = hidden[:, -1:]  # (B, 1, d)
         lm_logits = self.heads[0].lm_logits(last)  # (B, 1, V)
+        base = lm_logits[:, -1]  # (B, V)
+        if self.read_out_top_k:
+            # z_RM_i at the kept tokens only (z_LM + the head's shift there): log_softmax(z_RM_i) is z_RM_i less a
+            # per-row constant, which neither the greedy choice nor sampling within the kept tokens sees.
+            keep = base.topk(self.guidance_top_k, dim=-1).indices  # (B, k)
+            kept_base = base.gather(-1, keep)  # (B, k)
+            kept = torch.log_softmax(base, dim=-1).gather(-1, keep)  # (B, k)
+            for index, (head, one_hot, context) in enumerate(zip(self.heads, self.one_hots, self.contexts)):
+                reward = kept_base + head.reward_shift(last[:, -1], one_hot, keep, context=context)  # (B, k)
+                kept = kept + self.weights[:, index, None] * reward
+            return StepOutput(torch.full_like(base, float("-inf")).scatter(-1, keep, kept), None, base)
         rewards = [
             head.reward_logits(last, one_hot, lm_logits, context)[:, -1]  # (B, V)
             for head, one_hot, context in zip(self.heads, self.one_hots, self.contexts)
         ]
-        logits = guided_logits(lm_logits[:, -1], rewards, self.weights)  # (B, V)
-        return StepOutput(restrict_to_base_top_k(logits, lm_logits[:, -1], self.guidance_top_k), None, lm_logits[:, -1])
+        logits = guided_logits(base, rewards, self.weights)  # (B, V)
+        return StepOutput(restrict_to_base_top_k(logits, base, self.guidance_top_k), None, base)
 
     def start(self, input_ids, attention_mask, preference, prompts=None) -> StepOutput:
         if preference.shape[-1] != len(self.heads):
