@@ -207,6 +207,11 @@ def _reward_input(model_config: dict) -> str:
     )
 
 
+def _own_limits(config: dict) -> str:
+    limits = config.get("max_train_pairs_by_objective") or {}
+    return f" ({', '.join(f'{name}: {limit}' for name, limit in limits.items())})" if limits else ""
+
+
 def _sample_note(max_pairs: int | None) -> str:
     if max_pairs is None:
         return ""
@@ -282,7 +287,7 @@ reward at each preference w = (helpfulness, harmlessness); {_reward_definition(m
 
 {_data_sources(config, pools)}
 after dropping identical or empty replies; split 80/10/10 **by prompt**, near-duplicate prompts kept in one split, with seed {config['split_seed']}.
-Training used at most {config['max_train_pairs']} train pairs per objective and {config['max_eval_pairs']} validation
+Training used at most {config['max_train_pairs']} train pairs per objective{_own_limits(config)} and {config['max_eval_pairs']} validation
 pairs per objective; prompts ≤ {config['max_prompt_length']} tokens (whole turns dropped from the start), sequences ≤ {config['max_length']}
 tokens.
 {_onpolicy_note(config, run_dir)}

@@ -68,6 +68,10 @@ class TrainConfig:
     data_dir: str | None = field(default=None, metadata={"help": "preference data folder (default: the vendored data/)"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/validation/test split by prompt"})
     max_train_pairs: int | None = field(default=1500, metadata={"help": "pairs per objective used for training (None: all)"})
+    max_train_pairs_by_objective: dict = field(
+        default_factory=dict,
+        metadata={"help": 'an objective\'s own max_train_pairs, e.g. {"helpfulness": 1500} (the others keep max_train_pairs)'},
+    )
     max_eval_pairs: int = field(default=200, metadata={"help": "validation pairs per objective"})
     max_length: int = field(default=320, metadata={"help": "most tokens of prompt + reply"})
     max_prompt_length: int = field(default=192, metadata={"help": "most tokens of the templated prompt"})
@@ -295,6 +299,11 @@ class TrainConfig:
             raise ValueError(f"tail_samples must be an integer >= 0, got {self.tail_samples!r}")
         if self.max_train_pairs is not None and self.max_train_pairs < 1:
             raise ValueError(f"max_train_pairs must be a positive integer or null, got {self.max_train_pairs!r}")
+        for objective, limit in self.max_train_pairs_by_objective.items():
+            if objective not in self.objectives:
+                raise ValueError(f"max_train_pairs_by_objective names {objective!r}, not one of the objectives {list(self.objectives)}")
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+                raise ValueError(f"max_train_pairs_by_objective[{objective!r}] must be a positive integer or null, got {limit!r}")
         heads = self.model_config()  # validate the head settings now, not after caching features
         if self.candidate_tokens is not None and heads.reward_head == "full_rank":
             raise ValueError(
@@ -356,7 +365,8 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
     kept: dict[str, np.ndarray] = {}  # train_sources: which drawn training pairs train (all of them are cached)
     for objective_index, objective in enumerate(config.objectives):
         splits = pool_splits[objective]
-        limits = {"train": config.max_train_pairs, "validation": config.max_eval_pairs}
+        train_limit = config.max_train_pairs_by_objective.get(objective, config.max_train_pairs)
+        limits = {"train": train_limit, "validation": config.max_eval_pairs}
         for split, limit in limits.items():
             chosen_pairs = subsample(splits[split], limit, config.seed + objective_index)
             indices[split][objective] = add_pair_sequences(collator, chosen_pairs, sequences)

@@ -142,6 +142,18 @@ def test_bad_train_config_names_the_value(small_data, tmp_path):
         make_config(small_data, tmp_path, train_objective="helpfulness", preference_sampling="objective")
 
 
+def test_an_objective_can_train_on_its_own_number_of_pairs(backbone, tokenizer, small_data, tmp_path):
+    from paretoalign.train import prepare_data
+
+    config = make_config(small_data, tmp_path, max_train_pairs=6, max_train_pairs_by_objective={"helpfulness": 10})
+    data = prepare_data(config, fresh_model(backbone, tokenizer, config), progress=False)
+    assert len(data.train["helpfulness"].chosen) == 10 and len(data.train["harmlessness"].chosen) == 6
+    with pytest.raises(ValueError, match="max_train_pairs_by_objective names 'honesty', not one of the objectives"):
+        make_config(small_data, tmp_path, max_train_pairs_by_objective={"honesty": 3})
+    with pytest.raises(ValueError, match=r"max_train_pairs_by_objective\['helpfulness'\] must be a positive integer or null, got 0"):
+        make_config(small_data, tmp_path, max_train_pairs_by_objective={"helpfulness": 0})
+
+
 def test_one_objectives_reward_model_learns_from_its_pairs_only(backbone, tokenizer, small_data, tmp_path):
     """GenARM's recipe (train_objective, no gate): every step at the objective's one-hot; the other objective's pairs
     never reach the gradient, so swapping them leaves it unchanged."""
