@@ -229,6 +229,15 @@ def normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return [check_prompt(prompt, f"prompt {number}" if len(prompts) > 1 else "prompt") for number, prompt in enumerate(prompts, start=1)]
 
 
+def chat_messages(prompt: Prompt, system_prompt: str | None = None) -> list[Message]:
+    """The messages a chat template renders: a text prompt as one user message, the system prompt first unless the
+    conversation brings its own."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool = True, system_prompt: str | None = None) -> str:
     """The text the model sees: the chat template (when the tokenizer has one and ``chat``), else the raw text.
 
@@ -238,9 +247,7 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool
         if not isinstance(prompt, str):
             return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
         return prompt
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}, *messages]
+    messages = chat_messages(prompt, system_prompt)
     if messages[-1]["role"] == "assistant":
         return tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=False)
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -395,11 +402,7 @@ def answered_prompt(prompt: Prompt, system_prompt: str | None = None) -> Prompt:
     """What a chat-templated row answers, as a reward model reads it: one user message as its text, a conversation
     as its messages (the system prompt first, as :func:`render_prompt` gives it). (Without a template a row answers
     the text the model sees.)"""
-    if isinstance(prompt, str):
-        return prompt if not system_prompt else [{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}]
-    messages = list(prompt)
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}, *messages]
+    messages = chat_messages(prompt, system_prompt)
     return messages[0]["content"] if len(messages) == 1 and messages[0]["role"] == "user" else messages
 
 
