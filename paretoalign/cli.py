@@ -192,6 +192,12 @@ def _add_arm_accuracy(subparsers) -> None:
         help="score N pairs: with --split the seeded sample `export --max-pairs N` scores for a checkpoint's card, with --data the first N",
     )
     parser.add_argument("--batch-pairs", type=int, default=8)
+    for name, fallback in (("--max-length", 512), ("--max-prompt-length", 384)):
+        parser.add_argument(
+            name, type=int, default=None,
+            help=f"tokens kept per pair (prompt) when scoring; default: what the checkpoint was trained with (its "
+            f"train_config.json, as its card scored them), else {fallback}",
+        )
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", action="store_true", help="print {accuracy, n, mean_margin} (with --against: and against: {...}) as JSON")
     cache = parser.add_mutually_exclusive_group()
@@ -210,8 +216,8 @@ def _add_arm_accuracy(subparsers) -> None:
 
 def run_arm_accuracy(args: argparse.Namespace) -> int:
     from .data import load_default_pairs, load_pairs
-    from .export import held_out_pairs
-    from .model import load_model
+    from .export import held_out_pairs, training_lengths
+    from .model import default_checkpoint, load_model
     from .objective import accuracy_entries, pair_margins, paired_accuracy_difference
 
     objectives = parse_objectives(args.objectives)
@@ -231,13 +237,16 @@ def run_arm_accuracy(args: argparse.Namespace) -> int:
         pairs = held_out_pairs([args.objective], args.split, max_pairs=args.max_pairs).get(args.objective)
         if not pairs:
             raise ValueError(f"--objective {args.objective!r} has no vendored pairs; choose from {sorted(load_default_pairs())}")
+    lengths = training_lengths(args.checkpoint if args.checkpoint is not None else default_checkpoint())
+    lengths.update({key: value for key in ("max_length", "max_prompt_length") if (value := getattr(args, key)) is not None})
     model = load_model(args.checkpoint, args.backbone, args.device)
     preferences = [reorder_preference(w, objectives, model.objectives) for w in (weights, *([against] if against else []))]
     from .features import feature_cache_root
 
     cache = None if args.no_feature_cache else feature_cache_root(args.feature_cache)
     margins = pair_margins(
-        model, pairs, preferences, batch_pairs=args.batch_pairs, progress=not args.json, feature_cache=cache, feature_dtype=args.feature_dtype
+        model, pairs, preferences, batch_pairs=args.batch_pairs, progress=not args.json, feature_cache=cache,
+        feature_dtype=args.feature_dtype, **lengths,
     )
     result, *other = ({key: e[key] for key in ("accuracy", "n", "mean_margin")} for e in accuracy_entries(preferences, margins))
     if other:
@@ -258,13 +267,15 @@ def _add_export(subparsers) -> None:
     parser.add_argument("--run", required=True, help="the training run's output directory")
     parser.add_argument("--out", required=True, help="checkpoint directory to write, e.g. checkpoints/default")
     parser.add_argument("--max-pairs", type=int, default=None, help="test pairs per objective (a seeded sample; default: all)")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="the default decoding strength to ship, e.g. the one chosen on validation (default: the run's)")
     parser.set_defaults(handler=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
-    results = export_run(args.run, args.out, max_pairs=args.max_pairs)
+    results = export_run(args.run, args.out, max_pairs=args.max_pairs, strength=args.strength)
     print(json.dumps(results, indent=2))
     return 0
 

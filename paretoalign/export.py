@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import numpy as np
 from .batches import add_pair_sequences
 from .data import PreferenceCollator, load_default_pairs, split_pools
 from .features import build_feature_cache, feature_cache_root
+from .files import read_json_object
 from .model import CONFIG_NAME, WEIGHTS_NAME, DualHeadModel
 from .objective import accuracy_entries, pair_margins, paired_accuracy_difference
 from .teachers import pooled_replies
@@ -46,6 +48,20 @@ def held_out_accuracy(
         if len(by_source) > 1:
             results.update({f"{objective} · {source}": accuracy_entries(preferences, found) for source, found in by_source.items()})
     return results
+
+
+def training_lengths(checkpoint_dir: str | os.PathLike | None) -> dict:
+    """``{"max_length", "max_prompt_length"}`` a checkpoint's heads were trained with, so pairs are scored truncated as
+    in training (and as its card scored them): read from ``train_config.json`` in the checkpoint (as :func:`export_run`
+    ships it) or in the run folder that holds it as ``model/``; ``{}`` when neither has one."""
+    if checkpoint_dir is None:
+        return {}
+    checkpoint_dir = Path(checkpoint_dir)
+    for folder in (checkpoint_dir, checkpoint_dir.parent):
+        if (folder / "train_config.json").is_file():
+            config = read_json_object(folder / "train_config.json", "train config")
+            return {key: config[key] for key in ("max_length", "max_prompt_length") if key in config}
+    return {}
 
 
 def _by_source(pairs: list) -> dict:
@@ -331,13 +347,25 @@ def _gate_terms(config: dict) -> str:
     return {"lm": lm, "preference": gain, "both": f"{lm} + {gain}"}[objective]
 
 
-def export_run(run_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, progress: bool = True, max_pairs: int | None = None) -> dict:
-    """Copy a run's final model into ``checkpoint_dir`` with its log, config, test accuracy and model card."""
+def export_run(
+    run_dir: str | os.PathLike,
+    checkpoint_dir: str | os.PathLike,
+    progress: bool = True,
+    max_pairs: int | None = None,
+    strength: float | None = None,
+) -> dict:
+    """Copy a run's final model into ``checkpoint_dir`` with its log, config, test accuracy and model card.
+
+    ``strength`` replaces the run's default decoding strength (the one chosen on validation prompts; training does
+    not read it), so the shipped config holds what the checkpoint is meant to be decoded with.
+    """
     run_dir, checkpoint_dir = Path(run_dir), Path(checkpoint_dir)
     model_dir = run_dir / "model"
     if not (model_dir / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"run {str(run_dir)!r} has no finished model in {str(model_dir)!r}")
     model = DualHeadModel.from_pretrained(model_dir)
+    if strength is not None:
+        model.config = dataclasses.replace(model.config, strength=float(strength))  # validated by the config
     config = json.loads((run_dir / "train_config.json").read_text())
     settings = {
         "max_pairs": max_pairs, "max_length": config["max_length"], "max_prompt_length": config["max_prompt_length"],
@@ -353,8 +381,8 @@ def export_run(run_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, pr
     staging = checkpoint_dir.with_name(f".{checkpoint_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        shutil.copy2(model_dir / name, staging / name)
+    shutil.copy2(model_dir / WEIGHTS_NAME, staging / WEIGHTS_NAME)
+    (staging / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
     for name in ("train_config.json", "training_log.jsonl", "summary.json", "teacher_labels.json"):
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, staging / name)

@@ -161,6 +161,41 @@ def test_arm_accuracy_on_a_split_scores_the_sample_a_card_scores(capsys, tiny_ch
     assert exit_info.value.code == 2 and "--objective 'honesty' has no vendored pairs" in capsys.readouterr().err
 
 
+def test_arm_accuracy_truncates_pairs_as_the_checkpoint_was_trained(capsys, tiny_checkpoint, tmp_path):
+    """A checkpoint's train_config.json (in it, as export ships it, or in the run folder holding it as model/) sets
+    the lengths pairs are scored at, so arm-accuracy and the card agree; --max-length / --max-prompt-length override."""
+    import shutil
+
+    from paretoalign.data import DATA_DIR, load_pairs
+    from paretoalign.model import DualHeadModel
+    from paretoalign.objective import pair_margins
+
+    pairs_file = tmp_path / "pairs.jsonl"
+    with gzip.open(DATA_DIR / "hh-rlhf" / "helpful-base.jsonl.gz", "rt") as source:
+        pairs_file.write_text("".join(next(source) for _ in range(6)))
+    pairs = load_pairs(pairs_file, objective="helpfulness")
+    model = DualHeadModel.from_pretrained(tiny_checkpoint)
+    short, = pair_margins(model, pairs, [[1.0, 0.0]], max_length=48, max_prompt_length=24)
+    full, = pair_margins(model, pairs, [[1.0, 0.0]])
+    assert not np.allclose(short, full, atol=1e-4)  # the lengths matter on these pairs
+    run = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint, run / "model")
+    (run / "train_config.json").write_text(json.dumps({"max_length": 48, "max_prompt_length": 24, "steps": 3}))
+    argv = ["arm-accuracy", "--data", str(pairs_file), "--objective", "helpfulness", "--preference", "1,0", "--json", "--no-feature-cache"]
+    assert main([*argv, "--checkpoint", str(run / "model")]) == 0  # a run's model/: the config beside it
+    assert json.loads(capsys.readouterr().out)["mean_margin"] == pytest.approx(np.mean(short), abs=1e-5)
+    shipped = tmp_path / "shipped"  # an exported checkpoint: the config in it
+    shutil.copytree(tiny_checkpoint, shipped)
+    shutil.copy2(run / "train_config.json", shipped / "train_config.json")
+    assert main([*argv, "--checkpoint", str(shipped)]) == 0
+    assert json.loads(capsys.readouterr().out)["mean_margin"] == pytest.approx(np.mean(short), abs=1e-5)
+    assert main([*argv, "--checkpoint", str(shipped), "--max-length", "512", "--max-prompt-length", "384"]) == 0
+    assert json.loads(capsys.readouterr().out)["mean_margin"] == pytest.approx(np.mean(full), abs=1e-5)
+    with pytest.raises(SystemExit):
+        main([*argv, "--checkpoint", str(shipped), "--max-length", "20"])
+    assert "max_prompt_length=24, max_length=20" in capsys.readouterr().err
+
+
 def test_arm_accuracy_names_the_bad_line(capsys, tiny_checkpoint, tmp_path):
     pairs_file = tmp_path / "broken.jsonl"
     good = json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."})

@@ -209,7 +209,8 @@ def test_export_ships_weights_log_accuracy_and_card(backbone, tokenizer, small_d
     train(config, fresh_model(backbone, tokenizer, config), progress=False)
     real_loader = export_module.load_default_pairs
     monkeypatch.setattr(export_module, "load_default_pairs", lambda: real_loader(data_dir=small_data))
-    results = export_module.export_run(config.output_dir, tmp_path / "checkpoints" / "default", progress=False)
+    assert DualHeadModel.from_pretrained(Path(config.output_dir) / "model").config.strength != 2.5
+    results = export_module.export_run(config.output_dir, tmp_path / "checkpoints" / "default", progress=False, strength=2.5)
     shipped = tmp_path / "checkpoints" / "default"
     names = {p.name for p in shipped.iterdir()}
     assert {"dualhead_config.json", "dualhead_model.safetensors", "training_log.jsonl", "README.md", "test_accuracy.json"} <= names
@@ -227,6 +228,10 @@ def test_export_ships_weights_log_accuracy_and_card(backbone, tokenizer, small_d
     assert "Held-out accuracy" in card and f"{results['helpfulness'][0]['accuracy']:.3f}" in card
     reloaded = DualHeadModel.from_pretrained(shipped)
     assert reloaded.config.backbone == str(backbone_dir)
+    assert reloaded.config.strength == 2.5 and "strength 2.5" in card  # the decoding default chosen for shipping
+    with pytest.raises(ValueError, match="strength must be >= 0, got -1.0"):
+        export_module.export_run(config.output_dir, tmp_path / "checkpoints" / "other", progress=False, strength=-1)
+    assert not (tmp_path / "checkpoints" / "other").exists()
 
 
 def test_reward_branch_trains_from_a_cache_of_a_lower_block(backbone, tokenizer, small_data, tmp_path):
