@@ -208,15 +208,16 @@ def _add_arm_accuracy(subparsers) -> None:
     )
     cache.add_argument("--no-feature-cache", action="store_true", help="run the backbone on every pair and write nothing")
     parser.add_argument(
-        "--feature-dtype", default="float32", choices=COMPUTE_DTYPES,
-        help="precision of the backbone's matmuls while caching the pairs' states (bfloat16: several times faster on CPUs with bf16 instructions)",
+        "--feature-dtype", default=None, choices=COMPUTE_DTYPES,
+        help="precision of the backbone's matmuls while caching the pairs' states (bfloat16: several times faster on "
+        "CPUs with bf16 instructions; default: what the checkpoint was trained with, else float32)",
     )
     parser.set_defaults(handler=run_arm_accuracy)
 
 
 def run_arm_accuracy(args: argparse.Namespace) -> int:
     from .data import load_default_pairs, load_pairs
-    from .export import held_out_pairs, training_lengths
+    from .export import held_out_pairs, scoring_settings
     from .model import default_checkpoint, load_model
     from .objective import accuracy_entries, pair_margins, paired_accuracy_difference
 
@@ -237,16 +238,15 @@ def run_arm_accuracy(args: argparse.Namespace) -> int:
         pairs = held_out_pairs([args.objective], args.split, max_pairs=args.max_pairs).get(args.objective)
         if not pairs:
             raise ValueError(f"--objective {args.objective!r} has no vendored pairs; choose from {sorted(load_default_pairs())}")
-    lengths = training_lengths(args.checkpoint if args.checkpoint is not None else default_checkpoint())
-    lengths.update({key: value for key in ("max_length", "max_prompt_length") if (value := getattr(args, key)) is not None})
+    settings = {"feature_dtype": "float32", **scoring_settings(args.checkpoint if args.checkpoint is not None else default_checkpoint())}
+    settings.update({key: value for key in ("max_length", "max_prompt_length", "feature_dtype") if (value := getattr(args, key)) is not None})
     model = load_model(args.checkpoint, args.backbone, args.device)
     preferences = [reorder_preference(w, objectives, model.objectives) for w in (weights, *([against] if against else []))]
     from .features import feature_cache_root
 
     cache = None if args.no_feature_cache else feature_cache_root(args.feature_cache)
     margins = pair_margins(
-        model, pairs, preferences, batch_pairs=args.batch_pairs, progress=not args.json, feature_cache=cache,
-        feature_dtype=args.feature_dtype, **lengths,
+        model, pairs, preferences, batch_pairs=args.batch_pairs, progress=not args.json, feature_cache=cache, **settings
     )
     result, *other = ({key: e[key] for key in ("accuracy", "n", "mean_margin")} for e in accuracy_entries(preferences, margins))
     if other:

@@ -50,17 +50,18 @@ def held_out_accuracy(
     return results
 
 
-def training_lengths(checkpoint_dir: str | os.PathLike | None) -> dict:
-    """``{"max_length", "max_prompt_length"}`` a checkpoint's heads were trained with, so pairs are scored truncated as
-    in training (and as its card scored them): read from ``train_config.json`` in the checkpoint (as :func:`export_run`
-    ships it) or in the run folder that holds it as ``model/``; ``{}`` when neither has one."""
+def scoring_settings(checkpoint_dir: str | os.PathLike | None) -> dict:
+    """``{"max_length", "max_prompt_length", "feature_dtype"}`` a checkpoint's heads were trained with, so its pairs are
+    scored truncated and cached as in training (and as its card scored them): read from ``train_config.json`` in the
+    checkpoint (as :func:`export_run` ships it) or in the run folder that holds it as ``model/``; ``{}`` when neither
+    has one."""
     if checkpoint_dir is None:
         return {}
     checkpoint_dir = Path(checkpoint_dir)
     for folder in (checkpoint_dir, checkpoint_dir.parent):
         if (folder / "train_config.json").is_file():
             config = read_json_object(folder / "train_config.json", "train config")
-            return {key: config[key] for key in ("max_length", "max_prompt_length") if key in config}
+            return {key: config[key] for key in ("max_length", "max_prompt_length", "feature_dtype") if key in config}
     return {}
 
 
@@ -368,8 +369,8 @@ def export_run(
         model.config = dataclasses.replace(model.config, strength=float(strength))  # validated by the config
     config = json.loads((run_dir / "train_config.json").read_text())
     settings = {
-        "max_pairs": max_pairs, "max_length": config["max_length"], "max_prompt_length": config["max_prompt_length"],
-        "feature_cache": feature_cache_root(config.get("feature_cache")), "feature_dtype": config.get("feature_dtype", "float32"),
+        "max_pairs": max_pairs, "feature_cache": feature_cache_root(config.get("feature_cache")), "feature_dtype": "float32",
+        **scoring_settings(model_dir),  # the lengths and cache precision the heads were trained with
     }
     results = held_out_accuracy(model, progress=progress, **settings)
     conflicts = None

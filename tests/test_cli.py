@@ -180,7 +180,7 @@ def test_arm_accuracy_truncates_pairs_as_the_checkpoint_was_trained(capsys, tiny
     assert not np.allclose(short, full, atol=1e-4)  # the lengths matter on these pairs
     run = tmp_path / "run"
     shutil.copytree(tiny_checkpoint, run / "model")
-    (run / "train_config.json").write_text(json.dumps({"max_length": 48, "max_prompt_length": 24, "steps": 3}))
+    (run / "train_config.json").write_text(json.dumps({"max_length": 48, "max_prompt_length": 24, "feature_dtype": "float32", "steps": 3}))
     argv = ["arm-accuracy", "--data", str(pairs_file), "--objective", "helpfulness", "--preference", "1,0", "--json", "--no-feature-cache"]
     assert main([*argv, "--checkpoint", str(run / "model")]) == 0  # a run's model/: the config beside it
     assert json.loads(capsys.readouterr().out)["mean_margin"] == pytest.approx(np.mean(short), abs=1e-5)
