@@ -238,7 +238,7 @@ def run_arm_accuracy(args: argparse.Namespace) -> int:
         pairs = held_out_pairs([args.objective], args.split, max_pairs=args.max_pairs).get(args.objective)
         if not pairs:
             raise ValueError(f"--objective {args.objective!r} has no vendored pairs; choose from {sorted(load_default_pairs())}")
-    settings = {"feature_dtype": "float32", **scoring_settings(args.checkpoint if args.checkpoint is not None else default_checkpoint())}
+    settings = scoring_settings(args.checkpoint if args.checkpoint is not None else default_checkpoint())
     settings.update({key: value for key in ("max_length", "max_prompt_length", "feature_dtype") if (value := getattr(args, key)) is not None})
     model = load_model(args.checkpoint, args.backbone, args.device)
     preferences = [reorder_preference(w, objectives, model.objectives) for w in (weights, *([against] if against else []))]

@@ -54,15 +54,18 @@ def scoring_settings(checkpoint_dir: str | os.PathLike | None) -> dict:
     """``{"max_length", "max_prompt_length", "feature_dtype"}`` a checkpoint's heads were trained with, so its pairs are
     scored truncated and cached as in training (and as its card scored them): read from ``train_config.json`` in the
     checkpoint (as :func:`export_run` ships it) or in the run folder that holds it as ``model/``; ``{}`` when neither
-    has one."""
+    has one (scoring then keeps :func:`~paretoalign.objective.pair_margins`' defaults)."""
     if checkpoint_dir is None:
         return {}
     checkpoint_dir = Path(checkpoint_dir)
     for folder in (checkpoint_dir, checkpoint_dir.parent):
         if (folder / "train_config.json").is_file():
-            config = read_json_object(folder / "train_config.json", "train config")
-            return {key: config[key] for key in ("max_length", "max_prompt_length", "feature_dtype") if key in config}
+            return _scoring_keys(read_json_object(folder / "train_config.json", "train config"))
     return {}
+
+
+def _scoring_keys(train_config: dict) -> dict:
+    return {key: train_config[key] for key in ("max_length", "max_prompt_length", "feature_dtype") if key in train_config}
 
 
 def _by_source(pairs: list) -> dict:
@@ -368,10 +371,8 @@ def export_run(
     if strength is not None:
         model.config = dataclasses.replace(model.config, strength=float(strength))  # validated by the config
     config = json.loads((run_dir / "train_config.json").read_text())
-    settings = {
-        "max_pairs": max_pairs, "feature_cache": feature_cache_root(config.get("feature_cache")), "feature_dtype": "float32",
-        **scoring_settings(model_dir),  # the lengths and cache precision the heads were trained with
-    }
+    # the lengths and cache precision the heads were trained with (as scoring_settings reads them for arm-accuracy)
+    settings = {"max_pairs": max_pairs, "feature_cache": feature_cache_root(config.get("feature_cache")), **_scoring_keys(config)}
     results = held_out_accuracy(model, progress=progress, **settings)
     conflicts = None
     if config.get("teacher_objectives") or config.get("onpolicy"):  # the run had teachers: refit them from its caches
@@ -383,7 +384,7 @@ def export_run(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     shutil.copy2(model_dir / WEIGHTS_NAME, staging / WEIGHTS_NAME)
-    (staging / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
+    (staging / CONFIG_NAME).write_text(model.config.to_json())  # the run's, with the strength to ship
     for name in ("train_config.json", "training_log.jsonl", "summary.json", "teacher_labels.json"):
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, staging / name)

@@ -133,6 +133,10 @@ class DualHeadConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_json(self) -> str:
+        """The text of ``dualhead_config.json``."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     @classmethod
     def from_dict(cls, data: dict) -> "DualHeadConfig":
         known = {f.name for f in fields(cls)}
@@ -487,7 +491,7 @@ class DualHeadModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.to("cpu") for name, t in self.trainable_state_dict().items()}
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
+        text = self.config.to_json()
         atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
     def load_trainable_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "state dict") -> None:
