@@ -242,3 +242,29 @@ def step_preference(num_objectives: int, step: int, seed: int, concentration: fl
     """The step's ``w ~ Dirichlet``: ``(k,)``, a pure function of ``(seed, step)``."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return sample_preference(num_objectives, generator, concentration)
+
+
+def step_pair_ids(
+    index: PairIndex, first_sampled: int | None, batch_pairs: int, step: int, seed: int, stream: int,
+    written_share: float | None = None, name: str = "objective",
+) -> tuple[PairIndex, np.ndarray]:
+    """One objective's pairs of ``step``: the index to collate from and the pair ids in it.
+
+    ``written_share`` ``None`` draws every pair of ``index`` equally often (:func:`batch_pair_ids`). A share draws
+    ``round(share * batch_pairs)`` of the step's pairs from the human-written pairs and the rest from the pairs of the
+    backbone's own replies (sequences from ``first_sampled`` on), each pool through its own permutations, so a small
+    pool of human pairs is seen more often than its share of the whole would give.
+    """
+    if written_share is None:
+        return index, batch_pair_ids(len(index.chosen), batch_pairs, step, seed, stream)
+    sampled = np.zeros(len(index.chosen), bool) if first_sampled is None else (index.chosen >= first_sampled) | (index.rejected >= first_sampled)
+    written = round(written_share * batch_pairs)
+    parts, ids = [], []
+    for kind, keep, count, pool_stream in (("human-written", ~sampled, written, stream), ("on-policy", sampled, batch_pairs - written, 1_000 + stream)):
+        pool = index.select(keep)
+        if count and not len(pool.chosen):
+            raise ValueError(f"written_pair_share[{name!r}] {written_share!r} draws {kind} pairs, but {name} has none")
+        if count:
+            ids.append(sum(len(part.chosen) for part in parts) + batch_pair_ids(len(pool.chosen), count, step, seed, pool_stream))
+        parts.append(pool)
+    return PairIndex.concat(parts), np.concatenate(ids)

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .features import FeatureCache, layout_problem
-from .files import atomic_directory, load_array, read_json_object
+from .files import atomic_directory, json_text, load_array, read_json_object
 
 META_NAME = "candidates.json"
 
@@ -219,7 +219,7 @@ def build_candidate_cache(
             "seconds": round(time.time() - began, 1),
             "mean_tail_probability": float(np.exp(tail[:]).mean()) if total else 0.0,
         }
-        (folder / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (folder / META_NAME).write_text(json_text(meta))
 
     atomic_directory(directory, build, marker=META_NAME)
     return CandidateCache.open(directory)

@@ -13,7 +13,7 @@ import numpy as np
 from .batches import add_pair_sequences
 from .data import PreferenceCollator, load_default_pairs, split_pools
 from .features import build_feature_cache, feature_cache_root
-from .files import read_json_object
+from .files import read_json_object, write_json
 from .model import CONFIG_NAME, WEIGHTS_NAME, DualHeadModel
 from .objective import accuracy_entries, pair_margins, paired_accuracy_difference
 from .teachers import pooled_replies
@@ -388,9 +388,9 @@ def export_run(
     for name in ("train_config.json", "training_log.jsonl", "summary.json", "teacher_labels.json"):
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, staging / name)
-    (staging / "test_accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(staging / "test_accuracy.json", results, sort_keys=False)
     if conflicts is not None:
-        (staging / "test_conflicts.json").write_text(json.dumps(conflicts, indent=2) + "\n")
+        write_json(staging / "test_conflicts.json", conflicts, sort_keys=False)
     (staging / "README.md").write_text(write_model_card(run_dir, staging, results, max_pairs, conflicts))
     if checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)

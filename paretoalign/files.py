@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,37 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+
+
+def json_text(data, sort_keys: bool = True) -> str:
+    """The text of the project's JSON files: two-space indent, UTF-8 as is (no ``\\u`` escapes), one final newline."""
+    return json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n"
+
+
+def write_json(path: str | os.PathLike, data, sort_keys: bool = True) -> None:
+    """Write ``data`` to ``path`` as :func:`json_text`, atomically."""
+    text = json_text(data, sort_keys)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def record_run_config(path: str | os.PathLike, config, write: bool = True) -> None:
+    """Save a run's config (a dataclass) to ``path``, or check it against the one a run saved there: a resumed run must
+    have the same settings. ``output_dir`` is no setting (where the folder is: absolute here, relative in a clone), and
+    a field added to the config class since the file was written counts at its default (a new field's default keeps
+    the behaviour before it), so an older run still resumes. ``write=False`` only checks (processes other than the
+    main one)."""
+    path = Path(path)
+    current = json.loads(json_text(dataclasses.asdict(config)))
+    if path.is_file():
+        later = {
+            f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            for f in dataclasses.fields(config)
+        }
+        saved = {**json.loads(json_text(later)), **read_json_object(path, "run config")}
+        if any(saved.get(key) != value for key, value in current.items() if key != "output_dir") or set(saved) - set(current):
+            raise ValueError(f"{path} holds a different config; use a new output directory or the same settings to resume")
+    if write:
+        write_json(path, current)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -140,8 +172,8 @@ TRAINER_STATE_NAME = "trainer_state.json"
 def write_optimizer_state(directory: str | os.PathLike, optimizer, scheduler, step: int) -> None:
     """An optimizer's moments (safetensors) and its counters, param groups and the scheduler (JSON), written
     atomically into ``directory``: the part of a resumable training state every trainer shares."""
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     directory = Path(directory)
     state = optimizer.state_dict()
@@ -154,7 +186,7 @@ def write_optimizer_state(directory: str | os.PathLike, optimizer, scheduler, st
                 scalars[f"{index}.{key}"] = value
     atomic_write(directory / OPTIMIZER_NAME, lambda tmp: save_file(tensors, tmp))
     meta = {"step": step, "param_groups": state["param_groups"], "scalars": scalars, "scheduler": scheduler.state_dict()}
-    atomic_write(directory / TRAINER_STATE_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    write_json(directory / TRAINER_STATE_NAME, meta, sort_keys=False)
 
 
 def read_optimizer_state(directory: str | os.PathLike, optimizer, scheduler, device: str = "cpu") -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -15,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .blocks import position_ids_from_mask
 from .backbone import DEFAULT_BACKBONE, cache_kwargs, load_backbone, tokenizer_fingerprint, weights_fingerprint
-from .files import atomic_write, read_json_object, read_safetensors, safetensors_shapes
+from .files import atomic_write, json_text, read_json_object, read_safetensors, safetensors_shapes
 from .heads import REWARD_CONTEXTS, REWARD_HEAD_KINDS, ContextGate, GateCache, RewardBranch, RewardHead, prompt_context
 from .pblora import PBLoRAConfig
 from .preference import DEFAULT_OBJECTIVES, preference_batch
@@ -135,7 +134,7 @@ class DualHeadConfig:
 
     def to_json(self) -> str:
         """The text of ``dualhead_config.json``."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return json_text(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict) -> "DualHeadConfig":

@@ -29,16 +29,16 @@ from .batches import (
     PreparedData,
     add_onpolicy_sequences,
     add_pair_sequences,
-    batch_pair_ids,
     join_pair_batches,
     sequence_prompt_lengths,
+    step_pair_ids,
     step_preference,
     subsample,
 )
 from .candidates import build_candidate_cache
 from .data import PKU_SOURCE, PreferenceCollator, load_default_pairs, split_pools
 from .features import build_feature_cache, check_compute_dtype, feature_cache_root
-from .files import atomic_write, read_json_object, read_safetensors
+from .files import atomic_write, read_json_object, read_safetensors, record_run_config, write_json
 from .loop import Recipe, run_loop
 from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss
 from .model import DualHeadConfig, DualHeadModel
@@ -71,6 +71,14 @@ class TrainConfig:
     max_train_pairs_by_objective: dict = field(
         default_factory=dict,
         metadata={"help": 'an objective\'s own max_train_pairs, e.g. {"helpfulness": 1500} (the others keep max_train_pairs)'},
+    )
+    written_pair_share: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": 'the share of an objective\'s pairs in each step drawn from its human-written pairs, e.g. {"harmlessness": '
+            "0.5}, the rest from pairs of the backbone's own replies (onpolicy); unset: every training pair of the "
+            "objective equally likely, so the written pairs' share is their share of the pool"
+        },
     )
     max_eval_pairs: int = field(default=200, metadata={"help": "validation pairs per objective"})
     max_length: int = field(default=320, metadata={"help": "most tokens of prompt + reply"})
@@ -304,6 +312,18 @@ class TrainConfig:
                 raise ValueError(f"max_train_pairs_by_objective names {objective!r}, not one of the objectives {list(self.objectives)}")
             if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
                 raise ValueError(f"max_train_pairs_by_objective[{objective!r}] must be a positive integer or null, got {limit!r}")
+        for objective, share in self.written_pair_share.items():
+            if objective not in self.objectives:
+                raise ValueError(f"written_pair_share names {objective!r}, not one of the objectives {list(self.objectives)}")
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+                raise ValueError(f"written_pair_share[{objective!r}] must be a number in [0, 1], got {share!r}")
+            if round(share * self.batch_pairs) in (0, self.batch_pairs) and 0 < share < 1:
+                raise ValueError(
+                    f"written_pair_share[{objective!r}] {share!r} rounds to {round(share * self.batch_pairs)} of batch_pairs "
+                    f"{self.batch_pairs}: use 0, 1 or a share that leaves both kinds of pair in a step"
+                )
+            if not self.onpolicy and share < 1:
+                raise ValueError(f"written_pair_share[{objective!r}] {share!r} leaves room for on-policy pairs, but onpolicy is empty")
         heads = self.model_config()  # validate the head settings now, not after caching features
         if self.candidate_tokens is not None and heads.reward_head == "full_rank":
             raise ValueError(
@@ -575,24 +595,20 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
         backbone, tokenizer = load_backbone(config.backbone, device=accelerator.device)
         torch.manual_seed(config.seed)
         model = DualHeadModel(backbone, tokenizer, config.model_config())
-    saved = output / "train_config.json"
-    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    if saved.is_file() and json.loads(saved.read_text()) != json.loads(text):
-        raise ValueError(f"{saved} holds a different config; use a new output_dir or the same settings to resume")
-    if accelerator.is_main_process:
-        atomic_write(saved, lambda tmp: Path(tmp).write_text(text))
+    record_run_config(output / "train_config.json", config, write=accelerator.is_main_process)
 
     prepared_at = time.time()
     with accelerator.main_process_first():
         data = prepare_data(config, model, progress and accelerator.is_main_process)
     feature_seconds = time.time() - prepared_at
     if data.teacher_report is not None and accelerator.is_main_process:
-        report_text = json.dumps(data.teacher_report, indent=2) + "\n"
-        atomic_write(output / "teacher_labels.json", lambda tmp: Path(tmp).write_text(report_text))
+        write_json(output / "teacher_labels.json", data.teacher_report, sort_keys=False)
     if data.onpolicy_scores and accelerator.is_main_process:
         scores_text = "".join(json.dumps(line) + "\n" for line in data.onpolicy_scores)
         atomic_write(output / "onpolicy_scores.jsonl", lambda tmp: Path(tmp).write_text(scores_text))
     rank, world = accelerator.process_index, accelerator.num_processes
+    for objective, share in config.written_pair_share.items():  # a pool the share draws from is empty: say so now
+        step_pair_ids(data.train[objective], data.first_sampled, config.batch_pairs, 0, config.seed, 0, share, objective)
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict]:
         if config.train_objective is None:
@@ -601,8 +617,8 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
             preference = torch.tensor([float(name == config.train_objective) for name in config.objectives])
         batches = []
         for stream, objective in enumerate(config.objectives):
-            index = data.train[objective]
-            ids = batch_pair_ids(len(index.chosen), config.batch_pairs, step, config.seed, stream)
+            share = config.written_pair_share.get(objective)
+            index, ids = step_pair_ids(data.train[objective], data.first_sampled, config.batch_pairs, step, config.seed, stream, share, objective)
             batches.append(data.collate(index, ids[rank::world]).to(model.device))
         loss, stats = training_loss(model, batches, preference, config)
         sampled = preference.tolist() if config.preference_sampling == "step" else "one-hot per objective"
@@ -638,5 +654,5 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
         model.save_pretrained(output / "model")
         final_eval = {key: value for key, value in result.final_eval.items() if key != "val_readout"}
         summary = {**result.summary(config.steps, data.cache.directory, feature_seconds, machine_description(accelerator.device)), **final_eval}
-        atomic_write(output / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+        write_json(output / "summary.json", summary, sort_keys=False)
     return model.eval()

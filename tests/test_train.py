@@ -9,7 +9,7 @@ import torch
 
 from paretoalign import features as features_module
 from paretoalign import train as train_module
-from paretoalign.batches import collate_pairs, step_preference
+from paretoalign.batches import batch_pair_ids, collate_pairs, step_preference
 from paretoalign.model import DualHeadModel
 from paretoalign.train import TrainConfig, prepare_data, train, training_loss
 
@@ -117,10 +117,50 @@ def test_feature_cache_is_reused_and_resumes(backbone, tokenizer, small_data, tm
 def test_preferences_and_batches_are_pure_functions_of_the_step():
     assert torch.equal(step_preference(2, 7, 0, 1.0), step_preference(2, 7, 0, 1.0))
     assert not torch.equal(step_preference(2, 7, 0, 1.0), step_preference(2, 8, 0, 1.0))
-    first = train_module.batch_pair_ids(10, 4, 2, 0, 0)
-    assert np.array_equal(first, train_module.batch_pair_ids(10, 4, 2, 0, 0))
-    epoch = np.concatenate([train_module.batch_pair_ids(10, 5, s, 0, 0) for s in range(2)])
+    first = batch_pair_ids(10, 4, 2, 0, 0)
+    assert np.array_equal(first, batch_pair_ids(10, 4, 2, 0, 0))
+    epoch = np.concatenate([batch_pair_ids(10, 5, s, 0, 0) for s in range(2)])
     assert sorted(epoch.tolist()) == list(range(10))  # an epoch visits every pair once
+
+
+def test_a_written_pair_share_fixes_how_many_human_pairs_each_step_draws():
+    from paretoalign.batches import PairIndex, step_pair_ids
+
+    # 4 human-written pairs (sequences 0-7) and 40 pairs of sampled replies (sequences from 8 on), shuffled together
+    rows = np.random.default_rng(0).permutation(44)
+    chosen = np.where(rows < 4, 2 * rows, 8 + 2 * rows)
+    index = PairIndex(chosen, chosen + 1, np.zeros(44, np.int64))
+    plain_index, plain = step_pair_ids(index, 8, 8, 3, 0, 0)
+    assert plain_index is index and np.array_equal(plain, batch_pair_ids(44, 8, 3, 0, 0))
+    human = []
+    for step in range(5):
+        pool, ids = step_pair_ids(index, 8, 8, step, 0, 0, 0.5, "harmlessness")
+        assert len(ids) == 8 and (pool.chosen[ids] < 8).sum() == 4  # half the step from the 4 human pairs
+        assert np.array_equal(ids, step_pair_ids(index, 8, 8, step, 0, 0, 0.5, "harmlessness")[1])  # pure in the step
+        assert len(set(pool.chosen[ids].tolist())) == 8  # no pair twice in a step
+        human += pool.chosen[ids][pool.chosen[ids] < 8].tolist()
+    assert sorted(human) == sorted([0, 2, 4, 6] * 5)  # each human pair once per step, against 40 steps' worth drawn uniformly
+    _, only_sampled = step_pair_ids(index, 8, 8, 0, 0, 0, 0.0)
+    assert len(only_sampled) == 8
+    with pytest.raises(ValueError, match=r"written_pair_share\['harmlessness'\] 0.5 draws on-policy pairs, but harmlessness has none"):
+        step_pair_ids(index, None, 8, 0, 0, 0, 0.5, "harmlessness")
+
+
+def test_a_run_saved_before_a_config_field_existed_still_resumes(small_data, tmp_path):
+    from paretoalign.files import record_run_config
+
+    config = make_config(small_data, tmp_path)
+    saved = tmp_path / "train_config.json"
+    older = {name: value for name, value in config.to_dict().items() if name != "written_pair_share"}
+    saved.write_text(json.dumps(older))
+    record_run_config(saved, config)  # the field the file lacks is at its default: the same run
+    assert json.loads(saved.read_text())["written_pair_share"] == {}
+    moved = TrainConfig(**{**config.to_dict(), "output_dir": str(tmp_path / "elsewhere")})
+    record_run_config(saved, moved, write=False)  # where the folder is, is no setting
+    for changed in ({**older, "steps": 7}, {**older, "written_pair_share": {"harmlessness": 0.5}}, {**older, "retired_field": 1}):
+        saved.write_text(json.dumps(changed))
+        with pytest.raises(ValueError, match="holds a different config; use a new output directory or the same settings"):
+            record_run_config(saved, config)
 
 
 def test_bad_train_config_names_the_value(small_data, tmp_path):
@@ -152,6 +192,14 @@ def test_an_objective_can_train_on_its_own_number_of_pairs(backbone, tokenizer, 
         make_config(small_data, tmp_path, max_train_pairs_by_objective={"honesty": 3})
     with pytest.raises(ValueError, match=r"max_train_pairs_by_objective\['helpfulness'\] must be a positive integer or null, got 0"):
         make_config(small_data, tmp_path, max_train_pairs_by_objective={"helpfulness": 0})
+    with pytest.raises(ValueError, match="written_pair_share names 'honesty'"):
+        make_config(small_data, tmp_path, written_pair_share={"honesty": 0.5})
+    with pytest.raises(ValueError, match=r"written_pair_share\['harmlessness'\] must be a number in \[0, 1\], got 1.5"):
+        make_config(small_data, tmp_path, written_pair_share={"harmlessness": 1.5})
+    with pytest.raises(ValueError, match=r"written_pair_share\['harmlessness'\] 0.01 rounds to 0 of batch_pairs"):
+        make_config(small_data, tmp_path, written_pair_share={"harmlessness": 0.01})
+    with pytest.raises(ValueError, match=r"written_pair_share\['harmlessness'\] 0.5 leaves room for on-policy pairs, but onpolicy is empty"):
+        make_config(small_data, tmp_path, written_pair_share={"harmlessness": 0.5})
 
 
 def test_one_objectives_reward_model_learns_from_its_pairs_only(backbone, tokenizer, small_data, tmp_path):

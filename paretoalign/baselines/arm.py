@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import warnings
@@ -39,7 +38,7 @@ from ..blocks import (  # noqa: F401  (BoundPBLoRALinear, bind_preference, causa
     decoder_stack,
     run_blocks,
 )
-from ..files import atomic_write, read_json_object, read_safetensors, safetensors_shapes
+from ..files import atomic_write, read_json_object, read_safetensors, safetensors_shapes, write_json
 from ..losses import label_logprobs, next_token_targets
 from ..pblora import PBLoRAConfig
 
@@ -159,8 +158,7 @@ class ARMConfig:
         return asdict(self)
 
     def save(self, directory: str | os.PathLike) -> None:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write(Path(directory) / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        write_json(Path(directory) / CONFIG_NAME, self.to_dict())
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ARMConfig:

@@ -13,7 +13,6 @@ from the same data. Sampling is a pure function of ``(seed, step)``: a resumed r
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -36,10 +35,7 @@ from ..batches import (  # the Dual-Head trainer's pairs, batches and preference
 )
 from ..data import PreferenceCollator, load_default_pairs, split_pools
 from ..features import build_feature_cache, feature_cache_root
-from ..files import (
-    atomic_write,
-    read_safetensors,
-)
+from ..files import atomic_write, read_safetensors, record_run_config
 from ..loop import Recipe, run_loop
 from ..losses import arm_preference_loss
 from ..model import DualHeadConfig, DualHeadModel
@@ -251,13 +247,7 @@ def train_arm(config: ARMTrainConfig, backbone=None, tokenizer=None, progress: b
         raise ValueError("pass the backbone's tokenizer together with a loaded backbone")
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    saved = output / TRAIN_CONFIG_NAME
-    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    # The file lives in the output directory, so where that directory is (absolute here, relative in a clone) is no setting.
-    settings = lambda data: {key: value for key, value in data.items() if key != "output_dir"}  # noqa: E731
-    if saved.is_file() and settings(json.loads(saved.read_text())) != settings(json.loads(text)):
-        raise ValueError(f"{saved} holds a different config; use a new output directory or the same settings to resume")
-    atomic_write(saved, lambda tmp: Path(tmp).write_text(text))
+    record_run_config(output / TRAIN_CONFIG_NAME, config)
 
     arm_config = config.arm_config(backbone, tokenizer)
     features_model = DualHeadModel(

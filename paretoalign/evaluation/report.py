@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_write
+from ..files import atomic_write, write_json
 from .pareto import front_summary, normalization_bounds
 from .sweep import METHOD_RUNS_NAME, RESULTS_NAME, SETTINGS_NAME, read_results, row_key
 
@@ -493,7 +493,7 @@ def write_report(
                 print(f"{PNG_NAME} skipped: static image export is unavailable ({summary['png_skipped'][:120]})", file=sys.stderr)
     else:
         summary["png_skipped"] = "a Pareto figure needs at least two objectives"
-    _write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+    write_json(out / SUMMARY_NAME, summary, sort_keys=False)
     return summary
 
 

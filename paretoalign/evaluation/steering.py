@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, write_json
 from ..refusal import is_refusal
 from .sweep import RESULTS_NAME, append_rows, prompt_id, read_results, row_key
 
@@ -320,7 +320,7 @@ def write_steering_report(directories: dict[str, str | os.PathLike], out: str | 
     summary = steering_summary(directories, nll)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "steering.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    write_json(out / "steering.json", summary, sort_keys=False)
     atomic_write(out / "steering.md", lambda tmp: Path(tmp).write_text(markdown_steering(summary)))
     return summary
 

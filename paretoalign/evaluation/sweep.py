@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import append_rows, atomic_write, read_json_object, read_results
+from ..files import append_rows, read_json_object, read_results, write_json
 from ..generation import check_prompt
 from ..methods import get_method, parse_methods, trainable_parameters
 from ..preference import simplex_grid
@@ -287,16 +287,11 @@ def _describe(scorer) -> dict:
     return json.loads(json.dumps(describe(), default=str)) if callable(describe) else {}
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    text = json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 def record_settings(path: Path, settings: dict, advice: str = "resume with the same settings or use a new --out") -> dict:
     """Write the settings file ``path`` of a resumable output folder, or check ``settings`` against the one there:
     results appended under other settings would mix two experiments, so a change raises ``ValueError`` listing it."""
     if not path.is_file():
-        _write_json(path, settings)
+        write_json(path, settings)
         return settings
     recorded = read_json_object(path, "settings file")
     changes = settings_changes(recorded, settings)
@@ -311,7 +306,7 @@ def _record_settings(directory: Path, settings: dict) -> dict:
     added = [name for name in settings["methods"] if name not in recorded["methods"]]
     if added:
         recorded["methods"] = recorded["methods"] + added
-        _write_json(directory / SETTINGS_NAME, recorded)
+        write_json(directory / SETTINGS_NAME, recorded)
     return recorded
 
 

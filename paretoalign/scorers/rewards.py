@@ -15,7 +15,6 @@ Two kinds share one interface, :class:`RewardScorer`:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from ..backbone import quiet_loading
-from ..files import atomic_write, read_json_object, read_safetensors
+from ..files import atomic_write, read_json_object, read_safetensors, write_json
 
 DEFAULT_SCORER_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "reward-minilm"
 CONFIG_NAME = "scorer_config.json"
@@ -212,8 +211,7 @@ class MiniLMScorerConfig:
         return asdict(self)
 
     def save(self, directory: str | Path) -> None:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write(Path(directory) / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_json(Path(directory) / CONFIG_NAME, self.to_dict())
 
     @classmethod
     def load(cls, directory: str | Path) -> MiniLMScorerConfig:

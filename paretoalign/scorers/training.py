@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import time
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from ..data import PKU_SOURCE, SPLIT_NAMES, PreferencePair, load_default_pairs, split_pools
-from ..files import atomic_write
+from ..files import atomic_write, write_json
 from ..losses import arm_preference_loss
 from .rewards import (
     DEFAULT_FEATURES,
@@ -389,8 +388,7 @@ def write_checkpoint(scorer: MiniLMRewardScorer, summary: dict, directory: str |
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     scorer.save(directory)
-    text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / "test_accuracy.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_json(directory / "test_accuracy.json", summary)
     card = model_card(scorer.config, summary)
     atomic_write(directory / "README.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
 
