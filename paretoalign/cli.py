@@ -14,78 +14,37 @@ from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference, 
 
 
 def _add_generate(subparsers) -> None:
-    from .backbone import DTYPES
+    from .generation import GenerateConfig
 
-    parser = subparsers.add_parser("generate", help="answer a prompt steered by a preference over objectives")
-    parser.add_argument("--prompt", required=True, help="the user message")
-    parser.add_argument("--preference", required=True, help="weights over the objectives, e.g. 0.2,0.8 (sum to 1); a value starting with '-' needs the = form, --preference=-1,2")
-    parser.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES), help="objective names the weights refer to, in order")
-    parser.add_argument("--checkpoint", default=None, help="Dual-Head checkpoint directory (default: the shipped one)")
-    parser.add_argument("--backbone", default=None, help="backbone id or path, when not loading it from a checkpoint")
-    parser.add_argument(
-        "--method", default="dualhead",
-        help="a registered decoding method: dualhead (default), base, or a baseline (genarm, parm, args, dualhead-unconditioned)",
+    parser = _add_config_command(
+        subparsers, "generate", GenerateConfig, run_generate, "answer a prompt steered by a preference over objectives", progress=False
     )
-    parser.add_argument(
-        "--method-checkpoint", default=None,
-        help="a baseline's own checkpoint (GenARM: a path template holding {objective}, ARMs or reward heads; default: the shipped one)",
-    )
-    parser.add_argument("--fusion", default=None, choices=["gate", "genarm"], help="default: the checkpoint's")
-    parser.add_argument("--strength", type=float, default=None, help="steering strength (default: the checkpoint's)")
-    parser.add_argument("--guidance-top-k", type=int, default=None, help="steer within the base model's top-k tokens (default: the checkpoint's; 0: all)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument(
-        "--no-repeat-ngram-size", type=int, default=None,
-        help="a loop guard: no n-gram of the answer occurs twice (0: off; default: the checkpoint's)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--system-prompt", default=None)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument(
-        "--dtype", default="auto", choices=["auto", *DTYPES],
-        help="backbone precision (auto: bf16 on a GPU, fp32 on a CPU; bfloat16 is faster on CPUs with bf16 instructions)",
-    )
-    parser.add_argument(
-        "--compile", action="store_true",
-        help="dualhead and base: run the backbone's step compiled over a static cache (about a minute to compile; pays for long answers)",
-    )
-    parser.add_argument("--trust-remote-code", action="store_true", help="let transformers run the backbone's own code")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON object: text, preference, tokens, gate")
     output.add_argument("--stream", action="store_true", help="print the answer as it is generated")
-    parser.set_defaults(handler=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .generation import check_prompt, generate, stream_generate
-    from .methods import get_method
+    from .generation import generate, stream_generate
     from .model import load_model
 
-    check_prompt(args.prompt, "--prompt")  # before the model loads
-    get_method(args.method)
-    objectives = parse_objectives(args.objectives)
-    weights = parse_preference(args.preference, objectives)
-    model = load_model(args.checkpoint, args.backbone, args.device, args.dtype, trust_remote_code=args.trust_remote_code)
+    config = _config(args)  # checks the prompt, method and preference before the model loads
+    objectives = parse_objectives(config.objectives)
+    weights = parse_preference(config.preference, objectives)
+    model = load_model(config.checkpoint, config.backbone, config.device, config.dtype, trust_remote_code=config.trust_remote_code)
     preference = reorder_preference(weights, objectives, model.objectives)
     by_name = dict(zip(objectives, weights))
-    options = dict(
-        method=args.method, fusion=args.fusion, strength=args.strength, guidance_top_k=args.guidance_top_k, system_prompt=args.system_prompt,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, compile=args.compile, method_checkpoint=args.method_checkpoint,
-    )
+    options = {"method": config.method, **config.sampling()}
     if args.stream:
         printed = ""
-        for (partial,) in stream_generate(model, args.prompt, preference, **options):
+        for (partial,) in stream_generate(model, config.prompt, preference, **options):
             if partial.text.startswith(printed):
                 sys.stdout.write(partial.text[len(printed) :])
                 sys.stdout.flush()
                 printed = partial.text
         sys.stdout.write("\n")
         return 0
-    (result,) = generate(model, args.prompt, preference, **options)
+    (result,) = generate(model, config.prompt, preference, **options)
     if args.json:
         payload = {
             "text": result.text,
@@ -94,7 +53,7 @@ def run_generate(args: argparse.Namespace) -> int:
             "token_ids": result.token_ids,
             "gate": result.gate,
             "finish_reason": result.finish_reason,
-            "method": args.method,
+            "method": config.method,
             "backbone": model.config.backbone,
         }
         print(json.dumps(payload, ensure_ascii=False))
@@ -103,8 +62,9 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _override_options(config_class) -> argparse.ArgumentParser:
-    """A parent parser with one option per plain field of ``config_class`` (names, types and help from the fields).
+def _override_options(config_class, names: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """A parent parser with one option per plain field of ``config_class`` (names, types and help from the fields),
+    or per field in ``names``.
 
     Fields holding mappings, tuples or nested settings are left to the config file. An option left off the command
     line sets nothing (its default is ``argparse.SUPPRESS``), so only what a user types overrides the file.
@@ -127,7 +87,7 @@ def _override_options(config_class) -> argparse.ArgumentParser:
     options = [
         (f.name, hints[f.name], dataclasses.field(default=None if f.default is dataclasses.MISSING else f.default, metadata=f.metadata))
         for f in dataclasses.fields(config_class)
-        if is_plain(hints[f.name])
+        if is_plain(hints[f.name]) and (names is None or f.name in names)
     ]
     parser = HfArgumentParser(dataclasses.make_dataclass(f"{config_class.__name__}Options", options), add_help=False)
     for action in parser._actions:
@@ -172,93 +132,27 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _add_arm_accuracy(subparsers) -> None:
-    from .features import COMPUTE_DTYPES
+    from .export import PairAccuracyConfig
 
-    parser = subparsers.add_parser("arm-accuracy", help="how often the reward head prefers the chosen reply of a pairs file")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="HH-RLHF jsonl(.gz) or PKU-SafeRLHF json pairs file")
-    source.add_argument("--split", choices=["train", "validation", "test"], help="a split of the vendored data (seed 0)")
-    parser.add_argument("--objective", required=True, help="the objective the file's preferences express")
-    parser.add_argument("--preference", required=True, help="weights over the objectives, e.g. 1,0")
-    parser.add_argument(
-        "--against", default=None,
-        help="a second preference, e.g. 0,1: the same pairs scored there too, and --preference's accuracy minus this one's with its paired standard error",
+    parser = _add_config_command(
+        subparsers, "arm-accuracy", PairAccuracyConfig, run_arm_accuracy,
+        "how often the reward head prefers the chosen reply of some pairs", progress=False,
     )
-    parser.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES))
-    parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--backbone", default=None)
-    parser.add_argument(
-        "--max-pairs", type=int, default=None,
-        help="score N pairs: with --split the seeded sample `export --max-pairs N` scores for a checkpoint's card, with --data the first N",
-    )
-    parser.add_argument("--batch-pairs", type=int, default=8)
-    for name, fallback in (("--max-length", 512), ("--max-prompt-length", 384)):
-        parser.add_argument(
-            name, type=int, default=None,
-            help=f"tokens kept per pair (prompt) when scoring; default: what the checkpoint was trained with (its "
-            f"train_config.json, as its card scored them), else {fallback}",
-        )
-    parser.add_argument("--device", default=None)
     parser.add_argument("--json", action="store_true", help="print {accuracy, n, mean_margin} (with --against: and against: {...}) as JSON")
-    cache = parser.add_mutually_exclusive_group()
-    cache.add_argument(
-        "--feature-cache", default=None,
-        help="folder of feature caches (default: the user cache training uses); the pairs' backbone states are cached "
-        "there once, so scoring them again (other preferences or heads) skips the backbone",
-    )
-    cache.add_argument("--no-feature-cache", action="store_true", help="run the backbone on every pair and write nothing")
-    parser.add_argument(
-        "--feature-dtype", default=None, choices=COMPUTE_DTYPES,
-        help="precision of the backbone's matmuls while caching the pairs' states (bfloat16: several times faster on "
-        "CPUs with bf16 instructions; default: what the checkpoint was trained with, else float32)",
-    )
-    parser.set_defaults(handler=run_arm_accuracy)
 
 
 def run_arm_accuracy(args: argparse.Namespace) -> int:
-    from .data import load_default_pairs, load_pairs
-    from .export import held_out_pairs, scoring_settings
-    from .model import default_checkpoint, load_model
-    from .objective import accuracy_entries, pair_margins, paired_accuracy_difference
+    from .export import measure_pair_accuracy
 
-    objectives = parse_objectives(args.objectives)
-    weights = parse_preference(args.preference, objectives)
-    against = None
-    if args.against is not None:
-        try:
-            against = parse_preference(args.against, objectives)
-        except ValueError as error:
-            raise ValueError(f"--against {args.against!r}: {error}") from None
-    if args.max_pairs is not None and args.max_pairs < 1:
-        raise ValueError(f"--max-pairs must be a positive integer, got {args.max_pairs}")
-    if args.data:
-        pairs = load_pairs(args.data, objective=args.objective)
-        pairs = pairs[: args.max_pairs] if args.max_pairs else pairs
-    else:
-        pairs = held_out_pairs([args.objective], args.split, max_pairs=args.max_pairs).get(args.objective)
-        if not pairs:
-            raise ValueError(f"--objective {args.objective!r} has no vendored pairs; choose from {sorted(load_default_pairs())}")
-    settings = scoring_settings(args.checkpoint if args.checkpoint is not None else default_checkpoint())
-    settings.update({key: value for key in ("max_length", "max_prompt_length", "feature_dtype") if (value := getattr(args, key)) is not None})
-    model = load_model(args.checkpoint, args.backbone, args.device)
-    preferences = [reorder_preference(w, objectives, model.objectives) for w in (weights, *([against] if against else []))]
-    from .features import feature_cache_root
-
-    cache = None if args.no_feature_cache else feature_cache_root(args.feature_cache)
-    margins = pair_margins(
-        model, pairs, preferences, batch_pairs=args.batch_pairs, progress=not args.json, feature_cache=cache, **settings
-    )
-    result, *other = ({key: e[key] for key in ("accuracy", "n", "mean_margin")} for e in accuracy_entries(preferences, margins))
-    if other:
-        result["against"] = {"preference": args.against, **other[0], **paired_accuracy_difference(margins[0], margins[1])}
+    result = measure_pair_accuracy(_config(args), progress=not args.json)
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"accuracy {result['accuracy']:.4f} over {result['n']} pairs (mean margin {result['mean_margin']:.3f})")
-    if other:
+    if "against" in result:
         gap = result["against"]
         se = "" if gap["paired_se"] is None else f" ± {gap['paired_se']:.4f} (paired SE)"
-        print(f"at --against {args.against}: accuracy {gap['accuracy']:.4f}; difference {gap['difference']:+.4f}{se}")
+        print(f"at --against {gap['preference']}: accuracy {gap['accuracy']:.4f}; difference {gap['difference']:+.4f}{se}")
     return 0
 
 
@@ -280,12 +174,13 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_config_command(subparsers, name: str, config_class, handler, help: str) -> argparse.ArgumentParser:
+def _add_config_command(subparsers, name: str, config_class, handler, help: str, progress: bool = True) -> argparse.ArgumentParser:
     """A subcommand whose options are the fields of a config dataclass (names, types, defaults and help from it)."""
     from transformers import HfArgumentParser
 
     parser = subparsers.add_parser(name, parents=[HfArgumentParser(config_class, add_help=False)], help=help)
-    parser.add_argument("--no-progress", action="store_true")
+    if progress:
+        parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=handler, config_class=config_class)
     return parser
 
@@ -371,30 +266,27 @@ def run_train_scorer(args: argparse.Namespace) -> int:
     return 0
 
 
+# The training settings train-arm passes to every method's run (the unconditioned Dual-Head's TrainConfig has them too).
+_ARM_RUN_OPTIONS = (
+    "backbone", "steps", "batch_pairs", "learning_rate", "warmup_steps", "eval_every", "max_train_pairs", "seed", "data_dir",
+    "feature_cache", "include_pku",
+)
+
+
 def _add_train_arm(subparsers) -> None:
+    from .baselines.arm_training import ARMTrainConfig
+
     parser = subparsers.add_parser(
-        "train-arm", help="train a reference method's weights: GenARM's ARMs, PARM's ARM, the unconditioned Dual-Head (resumable)"
+        "train-arm",
+        parents=[_override_options(ARMTrainConfig, _ARM_RUN_OPTIONS + ("layers",))],
+        help="train a reference method's weights: GenARM's ARMs, PARM's ARM, the unconditioned Dual-Head (resumable)",
+        description="Every option left out keeps the method's own default (the unconditioned Dual-Head: configs/default.json's).",
     )
     parser.add_argument("--method", required=True, choices=["genarm", "parm", "dualhead-unconditioned"])
     parser.add_argument("--out", default=None, help="checkpoint directory (default: checkpoints/genarm-<objective>, "
                         "checkpoints/parm, checkpoints/dualhead-unconditioned); for several GenARM objectives a path holding {objective}")
     parser.add_argument("--objective", default=None, help="genarm: the objective(s) whose ARM to train, comma-separated (default: all)")
     parser.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES), help="every objective, in preference order")
-    parser.add_argument("--layers", type=int, default=None, help="genarm/parm: adapted blocks at the top of the backbone (default 4)")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch-pairs", type=int, default=None, help="pairs per objective per step")
-    parser.add_argument("--learning-rate", type=float, default=None)
-    parser.add_argument("--warmup-steps", type=int, default=None)
-    parser.add_argument("--eval-every", type=int, default=None, help="steps between validation passes")
-    parser.add_argument("--max-train-pairs", type=int, default=None, help="pairs per objective used for training")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--backbone", default=None)
-    parser.add_argument("--data-dir", default=None, help="preference data folder (default: the vendored data/)")
-    parser.add_argument("--feature-cache", default=None, help="where backbone features are cached")
-    parser.add_argument(
-        "--include-pku", action=argparse.BooleanOptionalAction, default=None,
-        help="PKU-SafeRLHF pairs join harmlessness (CC BY-NC 4.0; on by default: --no-include-pku for HH-RLHF only)",
-    )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=run_train_arm)
 
@@ -404,17 +296,13 @@ def run_train_arm(args: argparse.Namespace) -> int:
     from .baselines.arm import default_checkpoint
 
     objectives = list(parse_objectives(args.objectives))
-    common = {
-        "backbone": args.backbone, "steps": args.steps, "batch_pairs": args.batch_pairs, "learning_rate": args.learning_rate,
-        "warmup_steps": args.warmup_steps, "eval_every": args.eval_every, "max_train_pairs": args.max_train_pairs,
-        "seed": args.seed, "data_dir": args.data_dir, "feature_cache": args.feature_cache, "include_pku": args.include_pku,
-    }
-    common = {key: value for key, value in common.items() if value is not None}
+    common = {name: getattr(args, name) for name in _ARM_RUN_OPTIONS if hasattr(args, name)}
+    layers = getattr(args, "layers", None)
     if args.method == "dualhead-unconditioned":
         from .baselines.unconditioned import train_unconditioned
         from .train import DEFAULT_TRAIN_CONFIG, TrainConfig
 
-        if args.layers is not None or args.objective is not None:
+        if layers is not None or args.objective is not None:
             raise ValueError("--layers and --objective apply to genarm and parm only")
         out = Path(args.out) if args.out else default_checkpoint(args.method)
         # The Dual-Head's own training settings, with the preference-unaware reward head; the run lives in out/run.
@@ -426,8 +314,8 @@ def run_train_arm(args: argparse.Namespace) -> int:
 
     from .baselines.arm_training import ARMTrainConfig, train_arm
 
-    if args.layers is not None:
-        common["layers"] = args.layers
+    if layers is not None:
+        common["layers"] = layers
     if args.method == "parm":
         if args.objective is not None:
             raise ValueError("--objective applies to genarm only: PARM's one ARM learns every objective")

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,10 @@ from .features import build_feature_cache, feature_cache_root
 from .files import read_json_object, write_json
 from .model import CONFIG_NAME, WEIGHTS_NAME, DualHeadModel
 from .objective import accuracy_entries, pair_margins, paired_accuracy_difference
+from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference, reorder_preference
 from .teachers import pooled_replies
+
+SPLITS = ("train", "validation", "test")
 
 
 def card_preferences(k: int) -> list[list[float]]:
@@ -86,6 +90,115 @@ def held_out_pairs(objectives, split: str = "test", split_seed: int = 0, max_pai
         if pairs:
             found[objective] = pairs
     return found
+
+
+@dataclass(kw_only=True)
+class PairAccuracyConfig:
+    """Which pairs a checkpoint's reward head ranks, at which preference: ``paretoalign arm-accuracy`` builds one."""
+
+    objective: str = field(metadata={"help": "the objective the pairs' preferences express"})
+    preference: str = field(metadata={"help": "weights over the objectives, e.g. 1,0"})
+    against: str | None = field(
+        default=None,
+        metadata={
+            "help": "a second preference, e.g. 0,1: the same pairs scored there too, and --preference's accuracy minus "
+            "this one's with its paired standard error"
+        },
+    )
+    data: str | None = field(default=None, metadata={"help": "HH-RLHF jsonl(.gz) or PKU-SafeRLHF json pairs file (or --split)"})
+    split: str | None = field(default=None, metadata={"help": f"a split of the vendored data, one of {SPLITS} (seed 0; or --data)"})
+    source: str | None = field(
+        default=None,
+        metadata={"help": "only the pairs of one data source, e.g. pku-saferlhf or harmless-base (with --max-pairs: the sample's pairs of it, as the card's rows)"},
+    )
+    objectives: str = field(default=",".join(DEFAULT_OBJECTIVES), metadata={"help": "objective names the weights refer to, in order"})
+    checkpoint: str | None = field(default=None, metadata={"help": "Dual-Head checkpoint directory (default: the shipped one)"})
+    backbone: str | None = field(default=None, metadata={"help": "backbone id or path, when not loading it from a checkpoint"})
+    max_pairs: int | None = field(
+        default=None,
+        metadata={"help": "score N pairs: with --split the seeded sample `export --max-pairs N` scores for a checkpoint's card, with --data the first N"},
+    )
+    batch_pairs: int = field(default=8, metadata={"help": "pairs per scoring batch"})
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "tokens kept per pair when scoring; default: what the checkpoint was trained with (its train_config.json, as its card scored them), else 512"},
+    )
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "tokens kept per prompt when scoring; default: as the checkpoint was trained, else 384"}
+    )
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+    feature_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder of feature caches (default: the user cache training uses); the pairs' backbone states are "
+            "cached there once, so scoring them again (other preferences or heads) skips the backbone"
+        },
+    )
+    no_feature_cache: bool = field(default=False, metadata={"help": "run the backbone on every pair and write nothing"})
+    feature_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "precision of the backbone's matmuls while caching the pairs' states, float32 or bfloat16 (bfloat16: "
+            "several times faster on CPUs with bf16 instructions; default: what the checkpoint was trained with, else float32)"
+        },
+    )
+
+    def __post_init__(self):
+        from .features import COMPUTE_DTYPES
+
+        if (self.data is None) == (self.split is None):
+            raise ValueError(f"give the pairs as exactly one of data or split, got data={self.data!r}, split={self.split!r}")
+        if self.split is not None and self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.feature_cache is not None and self.no_feature_cache:
+            raise ValueError(f"feature_cache {self.feature_cache!r} and no_feature_cache exclude each other")
+        if self.feature_dtype is not None and self.feature_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"feature_dtype must be one of {COMPUTE_DTYPES}, got {self.feature_dtype!r}")
+        for name in ("max_pairs", "max_length", "max_prompt_length", "batch_pairs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        objectives = parse_objectives(self.objectives)
+        parse_preference(self.preference, objectives)
+        if self.against is not None:
+            try:
+                parse_preference(self.against, objectives)
+            except ValueError as error:
+                raise ValueError(f"against {self.against!r}: {error}") from None
+
+
+def measure_pair_accuracy(config: PairAccuracyConfig, progress: bool = True) -> dict:
+    """``{"accuracy", "n", "mean_margin"}`` of the reward head on the pairs ``config`` names, at its preference; with
+    ``against``, also ``"against": {"preference", "accuracy", "n", "mean_margin", "difference", "paired_se"}`` (the
+    same pairs, the paired difference of :func:`~paretoalign.objective.paired_accuracy_difference`)."""
+    from .data import load_pairs
+    from .model import default_checkpoint, load_model
+
+    objectives = parse_objectives(config.objectives)
+    if config.data is not None:
+        pairs = load_pairs(config.data, objective=config.objective)
+        pairs = pairs[: config.max_pairs] if config.max_pairs else pairs
+    else:
+        pairs = held_out_pairs([config.objective], config.split, max_pairs=config.max_pairs).get(config.objective)
+        if not pairs:
+            raise ValueError(f"objective {config.objective!r} has no vendored pairs; choose from {sorted(load_default_pairs())}")
+    if config.source is not None:
+        sources = sorted({pair.source for pair in pairs})
+        pairs = [pair for pair in pairs if pair.source == config.source]
+        if not pairs:
+            raise ValueError(f"source {config.source!r} has none of these pairs; they come from {sources}")
+    settings = scoring_settings(config.checkpoint if config.checkpoint is not None else default_checkpoint())
+    chosen = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length, "feature_dtype": config.feature_dtype}
+    settings.update({key: value for key, value in chosen.items() if value is not None})
+    model = load_model(config.checkpoint, config.backbone, config.device)
+    asked = [config.preference, *([config.against] if config.against is not None else [])]
+    preferences = [reorder_preference(parse_preference(text, objectives), objectives, model.objectives) for text in asked]
+    cache = None if config.no_feature_cache else feature_cache_root(config.feature_cache)
+    margins = pair_margins(model, pairs, preferences, batch_pairs=config.batch_pairs, progress=progress, feature_cache=cache, **settings)
+    result, *other = ({key: e[key] for key in ("accuracy", "n", "mean_margin")} for e in accuracy_entries(preferences, margins))
+    if other:
+        result["against"] = {"preference": config.against, **other[0], **paired_accuracy_difference(margins[0], margins[1])}
+    return result
 
 
 def held_out_conflicts(

@@ -24,6 +24,7 @@ from transformers.generation.logits_process import (
 from .backbone import cache_kwargs
 from .heads import GateCache
 from .model import DualHeadModel, check_guidance_top_k, check_no_repeat_ngram_size, position_ids_from_mask
+from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference
 from .static_step import StaticBackbone
 
 Message = dict[str, str]
@@ -194,6 +195,93 @@ class SamplingConfig:
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         check_no_repeat_ngram_size(self.no_repeat_ngram_size)
+
+
+@dataclass(kw_only=True)
+class DecodeSettings:
+    """The model, method settings and sampling of a decoding run: the options ``paretoalign generate`` and
+    ``paretoalign sweep`` share (their names, types, defaults and help come from these fields)."""
+
+    checkpoint: str | None = field(default=None, metadata={"help": "Dual-Head checkpoint directory (default: the shipped one)"})
+    backbone: str | None = field(default=None, metadata={"help": "backbone id or path, when not loading it from a checkpoint"})
+    method_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "a baseline method's own checkpoint (GenARM: a path template holding {objective}, ARMs or reward "
+            "heads trained with train_objective); default: each baseline's shipped one"
+        },
+    )
+    fusion: str | None = field(default=None, metadata={"help": "Dual-Head fusion, gate or genarm (default: the checkpoint's)"})
+    strength: float | None = field(default=None, metadata={"help": "steering strength (default: each method's own)"})
+    guidance_top_k: int | None = field(
+        default=None, metadata={"help": "Dual-Head: steer within the base model's top-k tokens (default: the checkpoint's; 0: all)"}
+    )
+    no_repeat_ngram_size: int | None = field(
+        default=None, metadata={"help": "a loop guard: no n-gram of an answer occurs twice (0: off; default: the checkpoint's)"}
+    )
+    max_new_tokens: int = 128
+    temperature: float = field(default=0.7, metadata={"help": "0 is greedy"})
+    top_p: float = 0.9
+    top_k: int = 0
+    seed: int = 0
+    system_prompt: str | None = None
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+    dtype: str = field(
+        default="auto", metadata={"help": "backbone precision: auto (bf16 on a GPU, fp32 on a CPU), float32, bfloat16 or float16"}
+    )
+    compile: bool = field(
+        default=False,
+        metadata={"help": "dualhead and base: the backbone's step compiled over a static cache (about a minute to compile once)"},
+    )
+
+    def __post_init__(self):
+        import math
+
+        from .backbone import parse_dtype
+        from .model import FUSION_MODES
+
+        SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed, self.no_repeat_ngram_size or 0)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.strength is not None and not (isinstance(self.strength, (int, float)) and math.isfinite(self.strength)):
+            raise ValueError(f"strength must be a finite number, got {self.strength!r}")
+        if self.guidance_top_k is not None:
+            check_guidance_top_k(self.guidance_top_k)
+        if self.fusion is not None and self.fusion not in FUSION_MODES:
+            raise ValueError(f"fusion must be one of {FUSION_MODES} or None, got {self.fusion!r}")
+        parse_dtype(self.dtype)
+
+    def sampling(self) -> dict:
+        """The keyword arguments :func:`generate` takes for these settings (all but the model's own)."""
+        names = ("fusion", "strength", "guidance_top_k", "system_prompt", "max_new_tokens", "temperature", "top_p", "top_k",
+                 "seed", "no_repeat_ngram_size", "compile", "method_checkpoint")
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(DecodeSettings):
+    """One prompt answered at one preference; ``paretoalign generate`` builds one from its arguments."""
+
+    prompt: str = field(metadata={"help": "the user message"})
+    preference: str = field(
+        metadata={"help": "weights over the objectives, e.g. 0.2,0.8 (sum to 1); a value starting with '-' needs the = form, --preference=-1,2"}
+    )
+    objectives: str = field(
+        default=",".join(DEFAULT_OBJECTIVES), metadata={"help": "objective names the weights refer to, in order"}
+    )
+    method: str = field(
+        default="dualhead",
+        metadata={"help": "a registered decoding method: dualhead (default), base, or a baseline (genarm, parm, args, dualhead-unconditioned)"},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "let transformers run the backbone's own code"})
+
+    def __post_init__(self):
+        from .methods import get_method
+
+        check_prompt(self.prompt, "prompt")
+        super().__post_init__()
+        get_method(self.method)
+        parse_preference(self.preference, parse_objectives(self.objectives))
 
 
 def _is_conversation(prompt) -> bool:

@@ -72,7 +72,7 @@ def test_missing_checkpoint_from_the_environment(capsys, tiny_dir, tmp_path, mon
         (["--preference", "1"], "1 weights but there are 2 objectives"),
         (["--preference", "0.5,0.5", "--objectives", "helpfulness,honesty"], "do not match the model's objectives"),
         (["--preference=-1,2"], "preference [-1.0, 2.0] must be non-negative"),
-        (["--preference", "0.5,0.5", "--prompt", "  "], "--prompt: the prompt is empty"),
+        (["--preference", "0.5,0.5", "--prompt", "  "], "prompt: the prompt is empty"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(capsys, tiny_checkpoint, argv, message):
@@ -127,7 +127,7 @@ def test_arm_accuracy_against_a_second_preference(capsys, tiny_checkpoint, tmp_p
     assert "at --against 0,1: accuracy" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([*argv, "--against", "0.7,0.7"])
-    assert "--against '0.7,0.7'" in capsys.readouterr().err
+    assert "against '0.7,0.7'" in capsys.readouterr().err
 
 
 def test_paired_accuracy_difference_by_hand():
@@ -158,7 +158,33 @@ def test_arm_accuracy_on_a_split_scores_the_sample_a_card_scores(capsys, tiny_ch
     assert out["mean_margin"] == pytest.approx(expected["mean_margin"], abs=1e-5)
     with pytest.raises(SystemExit) as exit_info:
         main([*argv[:4], "honesty", *argv[5:]])
-    assert exit_info.value.code == 2 and "--objective 'honesty' has no vendored pairs" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "objective 'honesty' has no vendored pairs" in capsys.readouterr().err
+
+
+def test_arm_accuracy_of_one_source_scores_the_cards_pairs_of_it(capsys, tiny_checkpoint):
+    """--source keeps the sample's pairs of one data source: the pairs of the card's per-source row."""
+    from paretoalign.export import held_out_pairs
+    from paretoalign.model import DualHeadModel
+    from paretoalign.objective import arm_accuracy
+
+    argv = ["arm-accuracy", "--split", "test", "--objective", "harmlessness", "--preference", "0,1", "--max-pairs", "8",
+            "--checkpoint", tiny_checkpoint, "--json", "--no-feature-cache"]
+    assert main([*argv, "--source", "pku-saferlhf"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    sample = held_out_pairs(["harmlessness"], "test", max_pairs=8)["harmlessness"]
+    pku = [pair for pair in sample if pair.source == "pku-saferlhf"]
+    assert 0 < len(pku) < len(sample)  # the sample mixes the two sources, so the filter is seen to act
+    (expected,) = arm_accuracy(DualHeadModel.from_pretrained(tiny_checkpoint), pku, [[0.0, 1.0]])
+    assert out["n"] == len(pku) and out["accuracy"] == expected["accuracy"]
+    assert out["mean_margin"] == pytest.approx(expected["mean_margin"], abs=1e-5)
+    for extra, message in [
+        (["--source", "helpful-base"], "source 'helpful-base' has none of these pairs; they come from ['harmless-base', 'pku-saferlhf']"),
+        (["--data", "pairs.jsonl"], "exactly one of data or split"),
+        (["--feature-cache", "somewhere"], "feature_cache 'somewhere' and no_feature_cache exclude each other"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, *extra])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_arm_accuracy_truncates_pairs_as_the_checkpoint_was_trained(capsys, tiny_checkpoint, tmp_path):

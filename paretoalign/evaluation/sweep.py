@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import resource
 import sys
@@ -45,7 +44,7 @@ import numpy as np
 import torch
 
 from ..files import append_rows, read_json_object, read_results, write_json
-from ..generation import check_prompt
+from ..generation import DecodeSettings, check_prompt
 from ..methods import get_method, parse_methods, trainable_parameters
 from ..preference import simplex_grid
 
@@ -167,9 +166,10 @@ def preference_grid(grid: int, num_objectives: int) -> list[tuple[float, ...]]:
 # ---------------------------------------------------------------------------------------------- settings
 
 
-@dataclass
-class SweepConfig:
-    """What a sweep runs; ``paretoalign sweep`` builds one from its arguments."""
+@dataclass(kw_only=True)
+class SweepConfig(DecodeSettings):
+    """What a sweep runs; ``paretoalign sweep`` builds one from its arguments (the decoding options are
+    :class:`~paretoalign.generation.DecodeSettings`', greedy by default)."""
 
     prompts: str = field(
         metadata={
@@ -183,64 +183,20 @@ class SweepConfig:
         metadata={"help": "registered methods (paretoalign.methods), comma- or space-separated: dualhead,base"},
     )
     grid: int = field(default=11, metadata={"help": "preference points per simplex edge (11: 0, 0.1, ..., 1)"})
-    max_new_tokens: int = 128
     temperature: float = field(default=0.0, metadata={"help": "0 is greedy"})
     top_p: float = 1.0
-    top_k: int = 0
-    no_repeat_ngram_size: int | None = field(
-        default=None,
-        metadata={"help": "a loop guard for every method: no n-gram of an answer occurs twice (0: off; default: the checkpoint's)"},
-    )
-    seed: int = 0
-    strength: float | None = field(default=None, metadata={"help": "steering strength passed to every method (default: its own)"})
-    fusion: str | None = field(default=None, metadata={"help": "Dual-Head fusion, gate or genarm (default: the checkpoint's)"})
-    guidance_top_k: int | None = field(
-        default=None, metadata={"help": "Dual-Head: steer within the base model's top-k tokens (default: the checkpoint's; 0: all)"}
-    )
-    checkpoint: str | None = field(default=None, metadata={"help": "Dual-Head checkpoint directory (default: the shipped one)"})
-    method_checkpoint: str | None = field(
-        default=None,
-        metadata={
-            "help": "the baseline methods' own checkpoint (GenARM: a path template holding {objective}, ARMs or reward "
-            "heads trained with train_objective); default: each baseline's shipped one"
-        },
-    )
-    backbone: str | None = field(default=None, metadata={"help": "backbone id or path, when not loading it from a checkpoint"})
     scorer: str | None = field(default=None, metadata={"help": "reward scorer spec for load_scorer (default: the shipped offline scorer)"})
     limit: int | None = field(default=None, metadata={"help": "sweep only the first N prompts"})
     batch_size: int = field(default=16, metadata={"help": "rows (prompt x preference) generated together"})
-    system_prompt: str | None = None
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
-    dtype: str = field(
-        default="auto", metadata={"help": "backbone precision: auto (bf16 on a GPU, fp32 on a CPU), float32, bfloat16 or float16"}
-    )
-    compile: bool = field(
-        default=False,
-        metadata={"help": "dualhead and base: the backbone's step compiled over a static cache (about a minute to compile once)"},
-    )
 
     def __post_init__(self):
-        from ..generation import SamplingConfig
-        from ..model import FUSION_MODES, check_guidance_top_k
-
+        super().__post_init__()
         self.methods = parse_methods(self.methods)
         preference_grid(self.grid, 2)
-        SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed, self.no_repeat_ngram_size or 0)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"limit must be a positive integer, got {self.limit!r}")
-        if self.strength is not None and not (isinstance(self.strength, (int, float)) and math.isfinite(self.strength)):
-            raise ValueError(f"strength must be a finite number, got {self.strength!r}")
-        if self.guidance_top_k is not None:
-            check_guidance_top_k(self.guidance_top_k)
-        if self.fusion is not None and self.fusion not in FUSION_MODES:
-            raise ValueError(f"fusion must be one of {FUSION_MODES} or None, got {self.fusion!r}")
-        from ..backbone import parse_dtype
-
-        parse_dtype(self.dtype)
         if not str(self.out).strip():
             raise ValueError(f"out must name a directory, got {self.out!r}")
 
