@@ -109,7 +109,10 @@ class PairAccuracyConfig:
     split: str | None = field(default=None, metadata={"help": f"a split of the vendored data, one of {SPLITS} (seed 0; or --data)"})
     source: str | None = field(
         default=None,
-        metadata={"help": "only the pairs of one data source, e.g. pku-saferlhf or harmless-base (with --max-pairs: the sample's pairs of it, as the card's rows)"},
+        metadata={
+            "help": "only the pairs of one data source, e.g. pku-saferlhf or harmless-base (with --split --max-pairs: the "
+            "sample's pairs of it, as the card's per-source rows; with --data: its first --max-pairs pairs of it)"
+        },
     )
     objectives: str = field(default=",".join(DEFAULT_OBJECTIVES), metadata={"help": "objective names the weights refer to, in order"})
     checkpoint: str | None = field(default=None, metadata={"help": "Dual-Head checkpoint directory (default: the shipped one)"})
@@ -175,18 +178,23 @@ def measure_pair_accuracy(config: PairAccuracyConfig, progress: bool = True) -> 
     from .model import default_checkpoint, load_model
 
     objectives = parse_objectives(config.objectives)
-    if config.data is not None:
-        pairs = load_pairs(config.data, objective=config.objective)
+
+    def of_source(pairs: list) -> list:
+        if config.source is None:
+            return pairs
+        kept = [pair for pair in pairs if pair.source == config.source]
+        if not kept:
+            raise ValueError(f"source {config.source!r} has none of these pairs; they come from {sorted({p.source for p in pairs})}")
+        return kept
+
+    if config.data is not None:  # the file's first max_pairs pairs of the source
+        pairs = of_source(load_pairs(config.data, objective=config.objective))
         pairs = pairs[: config.max_pairs] if config.max_pairs else pairs
-    else:
+    else:  # the card's seeded sample, then its pairs of the source (the card's per-source row)
         pairs = held_out_pairs([config.objective], config.split, max_pairs=config.max_pairs).get(config.objective)
         if not pairs:
             raise ValueError(f"objective {config.objective!r} has no vendored pairs; choose from {sorted(load_default_pairs())}")
-    if config.source is not None:
-        sources = sorted({pair.source for pair in pairs})
-        pairs = [pair for pair in pairs if pair.source == config.source]
-        if not pairs:
-            raise ValueError(f"source {config.source!r} has none of these pairs; they come from {sources}")
+        pairs = of_source(pairs)
     settings = scoring_settings(config.checkpoint if config.checkpoint is not None else default_checkpoint())
     chosen = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length, "feature_dtype": config.feature_dtype}
     settings.update({key: value for key, value in chosen.items() if value is not None})

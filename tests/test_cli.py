@@ -94,6 +94,12 @@ def test_arm_accuracy_json(capsys, tiny_checkpoint, tmp_path):
     assert main([*argv, "--no-feature-cache"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 6 and 0.0 <= out["accuracy"] <= 1.0
+    # a file's pairs take its name as their source; --source keeps that source's first --max-pairs
+    assert main([*argv, "--no-feature-cache", "--source", "pairs", "--max-pairs", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 4
+    with pytest.raises(SystemExit):
+        main([*argv, "--no-feature-cache", "--source", "pku-saferlhf"])
+    assert "source 'pku-saferlhf' has none of these pairs; they come from ['pairs']" in capsys.readouterr().err
     assert out["accuracy"] * 6 == pytest.approx(round(out["accuracy"] * 6))
     # from a feature cache (built on the first call, read on the second): the same accuracy
     for _ in range(2):

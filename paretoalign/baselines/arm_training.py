@@ -69,14 +69,14 @@ class ARMTrainConfig:
     objectives: list[str] = field(
         default_factory=lambda: list(DEFAULT_OBJECTIVES), metadata={"help": "every objective, in preference order"}
     )
-    layers: int = field(default=4, metadata={"help": "adapted blocks at the top of the backbone"})
+    layers: int = field(default=4, metadata={"help": "GenARM and PARM: adapted blocks at the top of the backbone"})
     adapter: dict = field(
         default_factory=dict, metadata={"help": "LoRASettings (genarm) or PBLoRAConfig (parm) fields; empty: defaults"}
     )
     include_pku: bool = field(default=True, metadata={"help": "add PKU-SafeRLHF pairs to harmlessness (CC BY-NC 4.0)"})
     data_dir: str | None = field(default=None, metadata={"help": "preference data folder (default: the vendored data/)"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/validation/test split by prompt"})
-    max_train_pairs: int | None = field(default=1500, metadata={"help": "pairs per objective used for training (None: all)"})
+    max_train_pairs: int | None = field(default=1500, metadata={"help": "pairs per objective used for training (null in a config: all)"})
     max_eval_pairs: int = field(default=200, metadata={"help": "validation pairs per objective"})
     max_length: int = field(default=320, metadata={"help": "most tokens of prompt + reply"})
     max_prompt_length: int = field(default=192, metadata={"help": "most tokens of the templated prompt"})
