@@ -67,7 +67,7 @@ class TrainConfig:
     include_pku: bool = field(default=True, metadata={"help": "add PKU-SafeRLHF pairs to harmlessness (CC BY-NC 4.0)"})
     data_dir: str | None = field(default=None, metadata={"help": "preference data folder (default: the vendored data/)"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/validation/test split by prompt"})
-    max_train_pairs: int | None = field(default=1500, metadata={"help": "pairs per objective used for training (None: all)"})
+    max_train_pairs: int | None = field(default=1500, metadata={"help": "pairs per objective used for training (null in a config: all)"})
     max_train_pairs_by_objective: dict = field(
         default_factory=dict,
         metadata={"help": 'an objective\'s own max_train_pairs, e.g. {"helpfulness": 1500} (the others keep max_train_pairs)'},
