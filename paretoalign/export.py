@@ -14,7 +14,7 @@ import numpy as np
 from .batches import add_pair_sequences
 from .data import PreferenceCollator, load_default_pairs, split_pools
 from .features import build_feature_cache, feature_cache_root
-from .files import read_json_object, write_json
+from .files import check_positive_ints, read_json_object, write_json
 from .model import CONFIG_NAME, WEIGHTS_NAME, DualHeadModel
 from .objective import accuracy_entries, pair_margins, paired_accuracy_difference
 from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference, reorder_preference
@@ -157,10 +157,8 @@ class PairAccuracyConfig:
             raise ValueError(f"feature_cache {self.feature_cache!r} and no_feature_cache exclude each other")
         if self.feature_dtype is not None and self.feature_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"feature_dtype must be one of {COMPUTE_DTYPES}, got {self.feature_dtype!r}")
-        for name in ("max_pairs", "max_length", "max_prompt_length", "batch_pairs"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("max_pairs", "max_length", "max_prompt_length"), optional=True)
+        check_positive_ints(self, ("batch_pairs",))
         objectives = parse_objectives(self.objectives)
         parse_preference(self.preference, objectives)
         if self.against is not None:

@@ -24,6 +24,17 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def check_positive_ints(settings, names: Sequence[str], optional: bool = False) -> None:
+    """Raise ``ValueError`` naming the first of ``names`` whose value on ``settings`` is not a positive integer (a bool
+    is not one); ``optional``: ``None`` is allowed too."""
+    for name in names:
+        value = getattr(settings, name)
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def json_text(data, sort_keys: bool = True) -> str:
     """The text of the project's JSON files: two-space indent, UTF-8 as is (no ``\\u`` escapes), one final newline."""
     return json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n"

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .data import REPLIES_NAME, read_replies  # noqa: F401 (read_replies: the folders this module writes)
 from .evaluation.sweep import load_prompts, record_settings, row_seed
-from .files import append_rows, read_results
+from .files import append_rows, check_positive_ints, read_results
 
 SETTINGS_NAME = "replies.json"
 FORMAT_VERSION = 1
@@ -77,10 +77,7 @@ class SampleConfig:
             ):
                 raise ValueError(f"reply_prefixes must be a non-empty list of non-empty strings, got {self.reply_prefixes!r}")
             self.reply_prefixes = list(self.reply_prefixes)
-        for name in ("k", "max_new_tokens", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("k", "max_new_tokens", "batch_size"))
         from .backbone import parse_dtype
 
         parse_dtype(self.dtype)

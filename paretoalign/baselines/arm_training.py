@@ -35,7 +35,7 @@ from ..batches import (  # the Dual-Head trainer's pairs, batches and preference
 )
 from ..data import PreferenceCollator, load_default_pairs, split_pools
 from ..features import build_feature_cache, feature_cache_root
-from ..files import atomic_write, read_safetensors, record_run_config
+from ..files import atomic_write, check_positive_ints, read_safetensors, record_run_config
 from ..loop import Recipe, run_loop
 from ..losses import arm_preference_loss
 from ..model import DualHeadConfig, DualHeadModel
@@ -114,10 +114,7 @@ class ARMTrainConfig:
             "eval_every",
             "max_eval_pairs",
         )
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, positive)
         for name in ("learning_rate", "beta_r", "dirichlet_concentration"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")

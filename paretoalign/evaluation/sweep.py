@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import append_rows, read_json_object, read_results, write_json
+from ..files import append_rows, check_positive_ints, read_json_object, read_results, write_json
 from ..generation import DecodeSettings, check_prompt
 from ..methods import get_method, parse_methods, trainable_parameters
 from ..preference import simplex_grid
@@ -193,10 +193,8 @@ class SweepConfig(DecodeSettings):
         super().__post_init__()
         self.methods = parse_methods(self.methods)
         preference_grid(self.grid, 2)
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
-            raise ValueError(f"limit must be a positive integer, got {self.limit!r}")
+        check_positive_ints(self, ("batch_size",))
+        check_positive_ints(self, ("limit",), optional=True)
         if not str(self.out).strip():
             raise ValueError(f"out must name a directory, got {self.out!r}")
 
