@@ -165,7 +165,7 @@ class PairAccuracyConfig:
             try:
                 parse_preference(self.against, objectives)
             except ValueError as error:
-                raise ValueError(f"against {self.against!r}: {error}") from None
+                raise ValueError(f"--against {self.against!r}: {error}") from None
 
 
 def measure_pair_accuracy(config: PairAccuracyConfig, progress: bool = True) -> dict:
@@ -191,7 +191,7 @@ def measure_pair_accuracy(config: PairAccuracyConfig, progress: bool = True) -> 
     else:  # the card's seeded sample, then its pairs of the source (the card's per-source row)
         pairs = held_out_pairs([config.objective], config.split, max_pairs=config.max_pairs).get(config.objective)
         if not pairs:
-            raise ValueError(f"objective {config.objective!r} has no vendored pairs; choose from {sorted(load_default_pairs())}")
+            raise ValueError(f"--objective {config.objective!r} has no vendored pairs; choose from {sorted(load_default_pairs())}")
         pairs = of_source(pairs)
     settings = scoring_settings(config.checkpoint if config.checkpoint is not None else default_checkpoint())
     chosen = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length, "feature_dtype": config.feature_dtype}

@@ -278,7 +278,7 @@ class GenerateConfig(DecodeSettings):
     def __post_init__(self):
         from .methods import get_method
 
-        check_prompt(self.prompt, "prompt")
+        check_prompt(self.prompt, "--prompt")  # the message names the option a user typed
         super().__post_init__()
         get_method(self.method)
         parse_preference(self.preference, parse_objectives(self.objectives))

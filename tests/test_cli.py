@@ -72,7 +72,7 @@ def test_missing_checkpoint_from_the_environment(capsys, tiny_dir, tmp_path, mon
         (["--preference", "1"], "1 weights but there are 2 objectives"),
         (["--preference", "0.5,0.5", "--objectives", "helpfulness,honesty"], "do not match the model's objectives"),
         (["--preference=-1,2"], "preference [-1.0, 2.0] must be non-negative"),
-        (["--preference", "0.5,0.5", "--prompt", "  "], "prompt: the prompt is empty"),
+        (["--preference", "0.5,0.5", "--prompt", "  "], "--prompt: the prompt is empty"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(capsys, tiny_checkpoint, argv, message):
@@ -94,13 +94,13 @@ def test_arm_accuracy_json(capsys, tiny_checkpoint, tmp_path):
     assert main([*argv, "--no-feature-cache"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 6 and 0.0 <= out["accuracy"] <= 1.0
+    assert out["accuracy"] * 6 == pytest.approx(round(out["accuracy"] * 6))
     # a file's pairs take its name as their source; --source keeps that source's first --max-pairs
     assert main([*argv, "--no-feature-cache", "--source", "pairs", "--max-pairs", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 4
     with pytest.raises(SystemExit):
         main([*argv, "--no-feature-cache", "--source", "pku-saferlhf"])
     assert "source 'pku-saferlhf' has none of these pairs; they come from ['pairs']" in capsys.readouterr().err
-    assert out["accuracy"] * 6 == pytest.approx(round(out["accuracy"] * 6))
     # from a feature cache (built on the first call, read on the second): the same accuracy
     for _ in range(2):
         assert main([*argv, "--feature-cache", str(tmp_path / "features")]) == 0
@@ -133,7 +133,7 @@ def test_arm_accuracy_against_a_second_preference(capsys, tiny_checkpoint, tmp_p
     assert "at --against 0,1: accuracy" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([*argv, "--against", "0.7,0.7"])
-    assert "against '0.7,0.7'" in capsys.readouterr().err
+    assert "--against '0.7,0.7'" in capsys.readouterr().err
 
 
 def test_paired_accuracy_difference_by_hand():
@@ -164,7 +164,7 @@ def test_arm_accuracy_on_a_split_scores_the_sample_a_card_scores(capsys, tiny_ch
     assert out["mean_margin"] == pytest.approx(expected["mean_margin"], abs=1e-5)
     with pytest.raises(SystemExit) as exit_info:
         main([*argv[:4], "honesty", *argv[5:]])
-    assert exit_info.value.code == 2 and "objective 'honesty' has no vendored pairs" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--objective 'honesty' has no vendored pairs" in capsys.readouterr().err
 
 
 def test_arm_accuracy_of_one_source_scores_the_cards_pairs_of_it(capsys, tiny_checkpoint):
@@ -187,6 +187,8 @@ def test_arm_accuracy_of_one_source_scores_the_cards_pairs_of_it(capsys, tiny_ch
         (["--source", "helpful-base"], "source 'helpful-base' has none of these pairs; they come from ['harmless-base', 'pku-saferlhf']"),
         (["--data", "pairs.jsonl"], "exactly one of data or split"),
         (["--feature-cache", "somewhere"], "feature_cache 'somewhere' and no_feature_cache exclude each other"),
+        (["--max-pairs", "0"], "max_pairs must be a positive integer, got 0"),
+        (["--batch-pairs", "0"], "batch_pairs must be a positive integer, got 0"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main([*argv, *extra])
