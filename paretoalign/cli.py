@@ -266,11 +266,12 @@ def run_train_scorer(args: argparse.Namespace) -> int:
     return 0
 
 
-# The training settings train-arm passes to every method's run (the unconditioned Dual-Head's TrainConfig has them too).
-_ARM_RUN_OPTIONS = (
-    "backbone", "steps", "batch_pairs", "learning_rate", "warmup_steps", "eval_every", "max_train_pairs", "seed", "data_dir",
-    "feature_cache", "include_pku",
-)
+def _run_options() -> tuple[str, ...]:
+    """The settings train-arm passes to every method's run: the fields every trainer shares (``loop.RunSettings``, which
+    ARMTrainConfig and the unconditioned Dual-Head's TrainConfig both extend), less the ones train-arm sets itself."""
+    from .loop import RunSettings
+
+    return tuple(f.name for f in dataclasses.fields(RunSettings) if f.name not in ("output_dir", "objectives"))
 
 
 def _add_train_arm(subparsers) -> None:
@@ -278,7 +279,7 @@ def _add_train_arm(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "train-arm",
-        parents=[_override_options(ARMTrainConfig, _ARM_RUN_OPTIONS + ("layers",))],
+        parents=[_override_options(ARMTrainConfig, _run_options() + ("layers",))],
         help="train a reference method's weights: GenARM's ARMs, PARM's ARM, the unconditioned Dual-Head (resumable)",
         description="Every option left out keeps the method's own default (the unconditioned Dual-Head: configs/default.json's).",
     )
@@ -296,7 +297,7 @@ def run_train_arm(args: argparse.Namespace) -> int:
     from .baselines.arm import default_checkpoint
 
     objectives = list(parse_objectives(args.objectives))
-    common = {name: getattr(args, name) for name in _ARM_RUN_OPTIONS if hasattr(args, name)}
+    common = {name: getattr(args, name) for name in _run_options() if hasattr(args, name)}
     layers = getattr(args, "layers", None)
     if args.method == "dualhead-unconditioned":
         from .baselines.unconditioned import train_unconditioned

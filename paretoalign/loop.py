@@ -14,26 +14,129 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .backbone import DEFAULT_BACKBONE
+from .batches import PairIndex, add_pair_sequences, subsample
+from .data import PreferenceCollator, PreferencePair, load_default_pairs, split_pools
 from .files import (
     TRAINER_STATE_NAME,
     append_rows,
     atomic_write,
+    check_positive_ints,
     latest_checkpoint,
     read_optimizer_state,
     write_checkpoint,
     write_optimizer_state,
 )
+from .preference import DEFAULT_OBJECTIVES
 
 logger = logging.getLogger(__name__)
 LOG_NAME = "training_log.jsonl"
 STATE_DIR = "checkpoint"
+
+
+@dataclass
+class PairSequences:
+    """What :meth:`RunSettings.pair_sequences` draws: token sequences in cache order, and per split and objective
+    where each pair's sequences sit (``index``) and the pairs themselves (``pairs``)."""
+
+    collator: PreferenceCollator
+    sequences: list[list[int]] = field(default_factory=list)
+    index: dict[str, dict[str, PairIndex]] = field(default_factory=lambda: {"train": {}, "validation": {}})
+    pairs: dict[str, dict[str, list[PreferencePair]]] = field(default_factory=lambda: {"train": {}, "validation": {}})
+
+
+@dataclass
+class RunSettings:
+    """The settings every trainer on :func:`run_loop` shares, validated here once: which pairs it learns from (data,
+    split, subsample, truncation, feature cache) and how the run goes (seed, steps, batch, AdamW, schedule,
+    checkpoints, validation). :class:`~paretoalign.train.TrainConfig` and
+    :class:`~paretoalign.baselines.arm_training.ARMTrainConfig` extend it, each with its own defaults where they differ.
+    """
+
+    output_dir: str | None = field(default=None, metadata={"help": "where checkpoints, logs and the model go"})
+    backbone: str = field(default=DEFAULT_BACKBONE, metadata={"help": "backbone id or path"})
+    objectives: list[str] = field(
+        default_factory=lambda: list(DEFAULT_OBJECTIVES), metadata={"help": "every objective, in preference order"}
+    )
+    include_pku: bool = field(default=True, metadata={"help": "add PKU-SafeRLHF pairs to harmlessness (CC BY-NC 4.0)"})
+    data_dir: str | None = field(default=None, metadata={"help": "preference data folder (default: the vendored data/)"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the train/validation/test split by prompt"})
+    max_train_pairs: int | None = field(default=1500, metadata={"help": "pairs per objective used for training (null in a config: all)"})
+    max_eval_pairs: int = field(default=200, metadata={"help": "validation pairs per objective"})
+    max_length: int = field(default=320, metadata={"help": "most tokens of prompt + reply"})
+    max_prompt_length: int = field(default=192, metadata={"help": "most tokens of the templated prompt"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, batches and preferences"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    batch_pairs: int = field(default=8, metadata={"help": "pairs per objective per step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
+    weight_decay: float = field(default=0.0)
+    warmup_steps: int = field(default=30)
+    max_grad_norm: float = field(default=1.0)
+    beta_r: float = field(default=0.1, metadata={"help": "Bradley-Terry scale on R(chosen) - R(rejected)"})
+    dirichlet_concentration: float = field(
+        default=1.0, metadata={"help": "w ~ Dirichlet(c) where a step draws its preference; 1 is uniform"}
+    )
+    checkpoint_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
+    eval_every: int = field(default=100, metadata={"help": "steps between validation passes"})
+    feature_cache: str | None = field(default=None, metadata={"help": "feature cache folder (default: the user cache)"})
+    max_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per backbone batch while caching"})
+
+    def __post_init__(self):
+        self.objectives = list(self.objectives)
+        positive = ("steps", "batch_pairs", "max_length", "max_prompt_length", "checkpoint_every", "eval_every", "max_eval_pairs")
+        check_positive_ints(self, positive)
+        if self.max_train_pairs is not None and (
+            isinstance(self.max_train_pairs, bool) or not isinstance(self.max_train_pairs, int) or self.max_train_pairs < 1
+        ):
+            raise ValueError(f"max_train_pairs must be a positive integer or null, got {self.max_train_pairs!r}")
+        for name in ("learning_rate", "beta_r", "dirichlet_concentration", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+
+    def train_limit(self, objective: str) -> int | None:
+        """How many of ``objective``'s training pairs a run draws (None: all)."""
+        return self.max_train_pairs
+
+    def pair_sequences(self, tokenizer) -> PairSequences:
+        """The human-written pairs every trainer on these settings learns from, tokenised: the pools split by prompt
+        (``split_seed``), each objective's training and validation pairs a seeded subsample (``seed`` plus the
+        objective's index; :meth:`train_limit` and ``max_eval_pairs`` pairs), their chosen and rejected sequences in
+        order. Two trainers with the same settings draw the same pairs."""
+        pools = load_default_pairs(include_pku=self.include_pku, data_dir=self.data_dir)
+        missing = [name for name in self.objectives if not pools.get(name)]
+        if missing:
+            raise ValueError(f"no preference pairs for objectives {missing}; available: {sorted(pools)}")
+        collator = PreferenceCollator(tokenizer, self.max_length, self.max_prompt_length)
+        drawn = PairSequences(collator)
+        pool_splits = split_pools(pools, seed=self.split_seed)
+        for objective_index, objective in enumerate(self.objectives):
+            for split, limit in (("train", self.train_limit(objective)), ("validation", self.max_eval_pairs)):
+                pairs = subsample(pool_splits[objective][split], limit, self.seed + objective_index)
+                drawn.index[split][objective] = add_pair_sequences(collator, pairs, drawn.sequences)
+                drawn.pairs[split][objective] = pairs
+        return drawn
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """The config a run saved (``to_dict``); a field the class does not have is an error that names it."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}")
+        return cls(**data)
 
 
 @dataclass
@@ -108,8 +211,9 @@ def run_loop(
 ) -> LoopResult:
     """Train ``parameter_groups`` (AdamW groups) for ``config.steps`` steps, resuming from ``output/checkpoint``.
 
-    ``config`` is the trainer's config: the loop reads its ``steps``, ``learning_rate``, ``warmup_steps``,
-    ``max_grad_norm``, ``weight_decay``, ``eval_every``, ``checkpoint_every`` and, where it has them, ``adam_betas``.
+    ``config`` is the trainer's :class:`RunSettings`: the loop reads its ``steps``, ``learning_rate``,
+    ``warmup_steps``, ``max_grad_norm``, ``weight_decay``, ``eval_every``, ``checkpoint_every`` and, where it has
+    them, ``adam_betas``.
 
     With an ``accelerate`` ``accelerator`` of several processes, each process's recipe takes its share of every
     step's pairs, the gradients are averaged across processes before the update, and the main process alone writes

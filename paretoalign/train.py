@@ -16,34 +16,31 @@ import logging
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .backbone import DEFAULT_BACKBONE, load_backbone
+from .backbone import load_backbone
 from .batches import (
     PairBatch,
     PairIndex,
     PreparedData,
     add_onpolicy_sequences,
-    add_pair_sequences,
     join_pair_batches,
     sequence_prompt_lengths,
     step_pair_ids,
     step_preference,
-    subsample,
 )
 from .candidates import build_candidate_cache
-from .data import PKU_SOURCE, PreferenceCollator, load_default_pairs, split_pools
+from .data import PKU_SOURCE
 from .features import build_feature_cache, check_compute_dtype, feature_cache_root
 from .files import atomic_write, read_json_object, read_safetensors, record_run_config, write_json
-from .loop import Recipe, run_loop
+from .loop import Recipe, RunSettings, run_loop
 from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss
 from .model import DualHeadConfig, DualHeadModel
 from .objective import score_pairs
-from .preference import DEFAULT_OBJECTIVES
 from .teachers import fit_teachers, label_onpolicy, pair_features, relabel_with_teachers
 
 logger = logging.getLogger(__name__)
@@ -57,17 +54,11 @@ RULE_OPTIONS = {"refuses": ("prefer", "over")}  # and may have these, with one o
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunSettings):
     """Everything a training run needs; saved as ``train_config.json`` beside its checkpoints."""
 
     output_dir: str = field(default="runs/default", metadata={"help": "where checkpoints, logs and the model go"})
-    backbone: str = field(default=DEFAULT_BACKBONE, metadata={"help": "backbone id or path"})
-    objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
     model: dict = field(default_factory=dict, metadata={"help": "DualHeadConfig fields (reward_head, gate_heads, ...)"})
-    include_pku: bool = field(default=True, metadata={"help": "add PKU-SafeRLHF pairs to harmlessness (CC BY-NC 4.0)"})
-    data_dir: str | None = field(default=None, metadata={"help": "preference data folder (default: the vendored data/)"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the train/validation/test split by prompt"})
-    max_train_pairs: int | None = field(default=1500, metadata={"help": "pairs per objective used for training (null in a config: all)"})
     max_train_pairs_by_objective: dict = field(
         default_factory=dict,
         metadata={"help": 'an objective\'s own max_train_pairs, e.g. {"helpfulness": 1500} (the others keep max_train_pairs)'},
@@ -80,22 +71,11 @@ class TrainConfig:
             "objective equally likely, so the written pairs' share is their share of the pool"
         },
     )
-    max_eval_pairs: int = field(default=200, metadata={"help": "validation pairs per objective"})
-    max_length: int = field(default=320, metadata={"help": "most tokens of prompt + reply"})
-    max_prompt_length: int = field(default=192, metadata={"help": "most tokens of the templated prompt"})
-    seed: int = field(default=0, metadata={"help": "seed of initialisation, batches and preferences"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps"})
-    batch_pairs: int = field(default=8, metadata={"help": "pairs per objective per step"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
     reward_learning_rate: float | None = field(
         default=None,
         metadata={"help": "peak learning rate of the reward head and branch (default: learning_rate; the gate keeps learning_rate)"},
     )
-    weight_decay: float = field(default=0.0)
     adam_betas: tuple[float, float] = field(default=(0.9, 0.999))
-    warmup_steps: int = field(default=30)
-    max_grad_norm: float = field(default=1.0)
-    beta_r: float = field(default=0.1, metadata={"help": "Bradley-Terry scale on R(chosen) - R(rejected)"})
     lambda_r: float = field(default=1.0, metadata={"help": "weight of the preference losses"})
     lambda_g: float = field(default=0.01, metadata={"help": "weight of the gate entropy regulariser"})
     lm_loss_replies: str = field(
@@ -121,7 +101,6 @@ class TrainConfig:
             "the gate only and the reward head learns from preferences alone, so its log-probs stay a reward"
         },
     )
-    dirichlet_concentration: float = field(default=1.0, metadata={"help": "w ~ Dirichlet(c); 1 is uniform"})
     teacher_objectives: list[str] = field(
         default_factory=list,
         metadata={
@@ -190,10 +169,6 @@ class TrainConfig:
             "'step' (default None: every objective)"
         },
     )
-    checkpoint_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
-    eval_every: int = field(default=100, metadata={"help": "steps between validation passes"})
-    feature_cache: str | None = field(default=None, metadata={"help": "feature cache folder (default: the user cache)"})
-    max_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per backbone batch while caching"})
     feature_dtype: str = field(
         default="float32",
         metadata={
@@ -226,6 +201,7 @@ class TrainConfig:
     )
 
     def __post_init__(self):
+        super().__post_init__()
         self.adam_betas = tuple(self.adam_betas)
         check_compute_dtype(self.feature_dtype)
         if self.lm_loss_replies not in ("all", "written"):
@@ -236,10 +212,6 @@ class TrainConfig:
             isinstance(self.block_cache_layer, bool) or not isinstance(self.block_cache_layer, int) or self.block_cache_layer < 0
         ):
             raise ValueError(f"block_cache_layer must be an integer >= 0 or null, got {self.block_cache_layer!r}")
-        positive = ("steps", "batch_pairs", "max_length", "max_prompt_length", "checkpoint_every", "eval_every", "max_eval_pairs")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.reward_learning_rate is not None and not self.reward_learning_rate > 0:
             raise ValueError(f"reward_learning_rate must be > 0 or null, got {self.reward_learning_rate!r}")
         self.teacher_objectives = list(self.teacher_objectives)
@@ -293,10 +265,7 @@ class TrainConfig:
                     f"train_objective {self.train_objective!r} trains at its one-hot preference: it needs preference_sampling "
                     f"'step', got {self.preference_sampling!r}"
                 )
-        for name in ("learning_rate", "beta_r", "dirichlet_concentration"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("lambda_r", "lambda_g", "weight_decay"):
+        for name in ("lambda_r", "lambda_g"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.candidate_tokens is not None and (
@@ -305,8 +274,6 @@ class TrainConfig:
             raise ValueError(f"candidate_tokens must be an integer >= 2 (the label and one other token) or null, got {self.candidate_tokens!r}")
         if isinstance(self.tail_samples, bool) or not isinstance(self.tail_samples, int) or self.tail_samples < 0:
             raise ValueError(f"tail_samples must be an integer >= 0, got {self.tail_samples!r}")
-        if self.max_train_pairs is not None and self.max_train_pairs < 1:
-            raise ValueError(f"max_train_pairs must be a positive integer or null, got {self.max_train_pairs!r}")
         for objective, limit in self.max_train_pairs_by_objective.items():
             if objective not in self.objectives:
                 raise ValueError(f"max_train_pairs_by_objective names {objective!r}, not one of the objectives {list(self.objectives)}")
@@ -331,6 +298,9 @@ class TrainConfig:
                 f"not 'full_rank'), got reward_head={heads.reward_head!r}"
             )
 
+    def train_limit(self, objective: str) -> int | None:
+        return self.max_train_pairs_by_objective.get(objective, self.max_train_pairs)
+
     def model_config(self) -> DualHeadConfig:
         overrides = dict(self.model)
         for reserved in ("backbone", "objectives"):
@@ -350,9 +320,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown train config fields {unknown} in {str(path)!r}")
         return cls(**data)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _read_config_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -374,27 +341,14 @@ def _read_config_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = True) -> PreparedData:
     """Split the pairs by prompt, tokenize train and validation pairs, and cache their backbone features."""
-    pools = load_default_pairs(include_pku=config.include_pku, data_dir=config.data_dir)
-    missing = [name for name in config.objectives if not pools.get(name)]
-    if missing:
-        raise ValueError(f"no preference pairs for objectives {missing}; available: {sorted(pools)}")
-    collator = PreferenceCollator(model.tokenizer, config.max_length, config.max_prompt_length)
-    sequences: list[list[int]] = []
-    indices: dict[str, dict[str, PairIndex]] = {"train": {}, "validation": {}}
-    pool_splits = split_pools(pools, seed=config.split_seed)
+    drawn = config.pair_sequences(model.tokenizer)
+    collator, sequences, indices = drawn.collator, drawn.sequences, drawn.index
     kept: dict[str, np.ndarray] = {}  # train_sources: which drawn training pairs train (all of them are cached)
-    for objective_index, objective in enumerate(config.objectives):
-        splits = pool_splits[objective]
-        train_limit = config.max_train_pairs_by_objective.get(objective, config.max_train_pairs)
-        limits = {"train": train_limit, "validation": config.max_eval_pairs}
-        for split, limit in limits.items():
-            chosen_pairs = subsample(splits[split], limit, config.seed + objective_index)
-            indices[split][objective] = add_pair_sequences(collator, chosen_pairs, sequences)
-            allowed = config.train_sources.get(objective)
-            if split == "train" and allowed:
-                kept[objective] = np.array([pair.source in allowed for pair in chosen_pairs], dtype=bool)
-                if not kept[objective].any():
-                    raise ValueError(f"train_sources[{objective!r}] = {allowed} keeps none of its {len(chosen_pairs)} training pairs")
+    for objective, allowed in config.train_sources.items():
+        chosen_pairs = drawn.pairs["train"][objective]
+        kept[objective] = np.array([pair.source in allowed for pair in chosen_pairs], dtype=bool)
+        if not kept[objective].any():
+            raise ValueError(f"train_sources[{objective!r}] = {allowed} keeps none of its {len(chosen_pairs)} training pairs")
     first_sampled = len(sequences)  # every human-written pair's sequences come before the sampled replies
     excluded = () if config.include_pku else (PKU_SOURCE,)  # PKU's prompts come with its license, sampled replies too
     groups = add_onpolicy_sequences(collator, config.onpolicy, sequences, excluded)

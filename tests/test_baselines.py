@@ -422,3 +422,41 @@ def test_the_unconditioned_decoder_takes_the_callers_guidance_settings(make_mode
     assert own.guidance_top_k == UnconditionedDualHeadModel.from_pretrained(directory, model.backbone, model.tokenizer).config.guidance_top_k
     steered = build_decoder(model, checkpoint=directory, guidance_top_k=7, strength=2.5)
     assert steered.guidance_top_k == 7 and steered.strength == 2.5
+
+
+def test_arm_and_dual_head_runs_on_the_same_settings_draw_the_same_pairs(tokenizer, small_data, tmp_path):
+    from paretoalign.train import TrainConfig
+
+    arm = train_config(small_data, tmp_path, "parm", max_train_pairs=10, seed=3)
+    shared = {name: getattr(arm, name) for name in ("data_dir", "max_train_pairs", "max_eval_pairs", "max_length", "max_prompt_length", "seed")}
+    dual = TrainConfig(output_dir=str(tmp_path / "dual"), **shared)
+    arm_pairs, dual_pairs = arm.pair_sequences(tokenizer), dual.pair_sequences(tokenizer)
+    assert arm_pairs.sequences == dual_pairs.sequences and len(arm_pairs.sequences) == 2 * 2 * (10 + 4)
+    for split in ("train", "validation"):
+        for name in OBJECTIVES:
+            assert [p.prompt for p in arm_pairs.pairs[split][name]] == [p.prompt for p in dual_pairs.pairs[split][name]]
+            assert np.array_equal(arm_pairs.index[split][name].chosen, dual_pairs.index[split][name].chosen)
+    # the Dual-Head's own per-objective limit draws fewer of the same seeded permutation; nothing else changes
+    fewer = TrainConfig(output_dir=str(tmp_path / "fewer"), max_train_pairs_by_objective={"helpfulness": 6}, **shared)
+    drawn = fewer.pair_sequences(tokenizer)
+    assert len(drawn.pairs["train"]["helpfulness"]) == 6 and len(drawn.pairs["train"]["harmlessness"]) == 10
+    assert {p.chosen for p in drawn.pairs["train"]["helpfulness"]} < {p.chosen for p in dual_pairs.pairs["train"]["helpfulness"]}
+    assert [p.prompt for p in drawn.pairs["validation"]["harmlessness"]] == [p.prompt for p in dual_pairs.pairs["validation"]["harmlessness"]]
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0, got -1"),
+        ({"max_grad_norm": 0}, "max_grad_norm must be > 0, got 0"),
+        ({"max_train_pairs": 0}, "max_train_pairs must be a positive integer or null, got 0"),
+        ({"eval_every": True}, "eval_every must be a positive integer, got True"),
+    ],
+)
+def test_both_trainers_check_their_shared_settings_alike(small_data, tmp_path, setting, message):
+    from paretoalign.train import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        train_config(small_data, tmp_path, "parm", **setting)
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(output_dir=str(tmp_path / "dual"), **setting)

@@ -15,31 +15,27 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..backbone import DEFAULT_BACKBONE, load_backbone
+from ..backbone import load_backbone
 from ..batches import (  # the Dual-Head trainer's pairs, batches and preferences: every method learns from the same data
     PairBatch,
     PreparedData,
-    add_pair_sequences,
     batch_pair_ids,
     collate_pairs,
     join_pair_batches,
     step_preference,
-    subsample,
 )
-from ..data import PreferenceCollator, load_default_pairs, split_pools
 from ..features import build_feature_cache, feature_cache_root
 from ..files import atomic_write, check_positive_ints, read_safetensors, record_run_config
-from ..loop import Recipe, run_loop
+from ..loop import Recipe, RunSettings, run_loop
 from ..losses import arm_preference_loss
 from ..model import DualHeadConfig, DualHeadModel
-from ..preference import DEFAULT_OBJECTIVES
 from ..train import machine_description
 from .arm import (
     ARM_METHODS,
@@ -57,7 +53,7 @@ TRAIN_CONFIG_NAME = "arm_train_config.json"
 
 
 @dataclass
-class ARMTrainConfig:
+class ARMTrainConfig(RunSettings):
     """One ARM's training run; saved as ``arm_train_config.json`` in its output directory (the checkpoint)."""
 
     method: str = field(default="parm", metadata={"help": f"one of {ARM_METHODS}"})
@@ -65,61 +61,24 @@ class ARMTrainConfig:
         default=None, metadata={"help": "the checkpoint directory (default: checkpoints/parm or genarm-<objective>)"}
     )
     objective: str | None = field(default=None, metadata={"help": "genarm: the objective this ARM learns; parm: None"})
-    backbone: str = field(default=DEFAULT_BACKBONE, metadata={"help": "backbone id or path"})
-    objectives: list[str] = field(
-        default_factory=lambda: list(DEFAULT_OBJECTIVES), metadata={"help": "every objective, in preference order"}
-    )
     layers: int = field(default=4, metadata={"help": "GenARM and PARM: adapted blocks at the top of the backbone"})
     adapter: dict = field(
         default_factory=dict, metadata={"help": "LoRASettings (genarm) or PBLoRAConfig (parm) fields; empty: defaults"}
     )
-    include_pku: bool = field(default=True, metadata={"help": "add PKU-SafeRLHF pairs to harmlessness (CC BY-NC 4.0)"})
-    data_dir: str | None = field(default=None, metadata={"help": "preference data folder (default: the vendored data/)"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the train/validation/test split by prompt"})
-    max_train_pairs: int | None = field(default=1500, metadata={"help": "pairs per objective used for training (null in a config: all)"})
-    max_eval_pairs: int = field(default=200, metadata={"help": "validation pairs per objective"})
-    max_length: int = field(default=320, metadata={"help": "most tokens of prompt + reply"})
-    max_prompt_length: int = field(default=192, metadata={"help": "most tokens of the templated prompt"})
-    seed: int = field(default=0, metadata={"help": "seed of the adapters' initialisation, batches and preferences"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps"})
-    batch_pairs: int = field(default=8, metadata={"help": "pairs per objective per step"})
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW peak learning rate"})
-    weight_decay: float = field(default=0.0)
-    warmup_steps: int = field(default=30)
-    max_grad_norm: float = field(default=1.0)
-    beta_r: float = field(default=0.1, metadata={"help": "Bradley-Terry scale on R(chosen) - R(rejected)"})
-    dirichlet_concentration: float = field(default=1.0, metadata={"help": "PARM: w ~ Dirichlet(c); 1 is uniform"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between resumable checkpoints"})
-    eval_every: int = field(default=100, metadata={"help": "steps between validation passes"})
-    feature_cache: str | None = field(default=None, metadata={"help": "feature cache folder (default: the user cache)"})
-    max_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per backbone batch while caching"})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.method not in ARM_METHODS:
             raise ValueError(f"method must be one of {ARM_METHODS}, got {self.method!r}")
-        self.objectives = list(self.objectives)
         if self.method == "genarm" and self.objective not in self.objectives:
             raise ValueError(
                 f"a GenARM run trains one objective's ARM: objective must be one of {self.objectives}, got {self.objective!r}"
             )
         if self.method == "parm" and self.objective is not None:
             raise ValueError(f"a PARM run trains one ARM for every objective; objective must be None, got {self.objective!r}")
-        positive = (
-            "layers",
-            "steps",
-            "batch_pairs",
-            "max_length",
-            "max_prompt_length",
-            "checkpoint_every",
-            "eval_every",
-            "max_eval_pairs",
-        )
-        check_positive_ints(self, positive)
-        for name in ("learning_rate", "beta_r", "dirichlet_concentration"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.max_train_pairs is not None and self.max_train_pairs < 1:
-            raise ValueError(f"max_train_pairs must be a positive integer or None, got {self.max_train_pairs!r}")
+        check_positive_ints(self, ("layers",))
         if self.output_dir is None:
             self.output_dir = str(default_checkpoint(self.method, self.objective))
 
@@ -129,39 +88,17 @@ class ARMTrainConfig:
             self.method, scored, backbone, tokenizer, layers=self.layers, adapter=dict(self.adapter) or None, beta_r=self.beta_r
         )
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ARMTrainConfig:
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown ARMTrainConfig fields {unknown}")
-        return cls(**data)
-
 
 # ---------------------------------------------------------------------------------------------- data
 
 
 def prepare_arm_data(config: ARMTrainConfig, model: DualHeadModel, first_layer: int, progress: bool = True) -> PreparedData:
     """The Dual-Head trainer's pairs (same split, same subsample), with the input of block ``first_layer`` cached."""
-    pools = load_default_pairs(include_pku=config.include_pku, data_dir=config.data_dir)
-    missing = [name for name in config.objectives if not pools.get(name)]
-    if missing:
-        raise ValueError(f"no preference pairs for objectives {missing}; available: {sorted(pools)}")
-    collator = PreferenceCollator(model.tokenizer, config.max_length, config.max_prompt_length)
-    sequences: list[list[int]] = []
-    indices: dict[str, dict] = {"train": {}, "validation": {}}
     # Every objective's sequences are cached even for one GenARM objective: the runs of all ARMs share one cache.
-    pool_splits = split_pools(pools, seed=config.split_seed)
-    for objective_index, objective in enumerate(config.objectives):
-        splits = pool_splits[objective]
-        for split, limit in (("train", config.max_train_pairs), ("validation", config.max_eval_pairs)):
-            pairs = subsample(splits[split], limit, config.seed + objective_index)
-            indices[split][objective] = add_pair_sequences(collator, pairs, sequences)
+    drawn = config.pair_sequences(model.tokenizer)
     root = feature_cache_root(config.feature_cache)
-    cache = build_feature_cache(model, sequences, root, config.max_batch_tokens, progress, layer=first_layer)
-    return PreparedData(cache, indices["train"], indices["validation"])
+    cache = build_feature_cache(model, drawn.sequences, root, config.max_batch_tokens, progress, layer=first_layer)
+    return PreparedData(cache, drawn.index["train"], drawn.index["validation"])
 
 
 # ---------------------------------------------------------------------------------------------- loss
