@@ -26,12 +26,11 @@ def _add_generate(subparsers) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     from .generation import generate, stream_generate
-    from .model import load_model
 
     config = _config(args)  # checks the prompt, method and preference before the model loads
     objectives = parse_objectives(config.objectives)
     weights = parse_preference(config.preference, objectives)
-    model = load_model(config.checkpoint, config.backbone, config.device, config.dtype, trust_remote_code=config.trust_remote_code)
+    model = config.load_model(config.dtype)
     preference = reorder_preference(weights, objectives, model.objectives)
     by_name = dict(zip(objectives, weights))
     options = {"method": config.method, **config.sampling()}

@@ -15,7 +15,7 @@ from .batches import add_pair_sequences
 from .data import PreferenceCollator, load_default_pairs, split_pools
 from .features import build_feature_cache, feature_cache_root
 from .files import check_positive_ints, read_json_object, write_json
-from .model import CONFIG_NAME, WEIGHTS_NAME, DualHeadModel
+from .model import CONFIG_NAME, WEIGHTS_NAME, DualHeadModel, ModelSettings
 from .objective import accuracy_entries, pair_margins, paired_accuracy_difference
 from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference, reorder_preference
 from .teachers import pooled_replies
@@ -93,7 +93,7 @@ def held_out_pairs(objectives, split: str = "test", split_seed: int = 0, max_pai
 
 
 @dataclass(kw_only=True)
-class PairAccuracyConfig:
+class PairAccuracyConfig(ModelSettings):
     """Which pairs a checkpoint's reward head ranks, at which preference: ``paretoalign arm-accuracy`` builds one."""
 
     objective: str = field(metadata={"help": "the objective the pairs' preferences express"})
@@ -115,8 +115,6 @@ class PairAccuracyConfig:
         },
     )
     objectives: str = field(default=",".join(DEFAULT_OBJECTIVES), metadata={"help": "objective names the weights refer to, in order"})
-    checkpoint: str | None = field(default=None, metadata={"help": "Dual-Head checkpoint directory (default: the shipped one)"})
-    backbone: str | None = field(default=None, metadata={"help": "backbone id or path, when not loading it from a checkpoint"})
     max_pairs: int | None = field(
         default=None,
         metadata={"help": "score N pairs: with --split the seeded sample `export --max-pairs N` scores for a checkpoint's card, with --data the first N"},
@@ -129,7 +127,6 @@ class PairAccuracyConfig:
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "tokens kept per prompt when scoring; default: as the checkpoint was trained, else 384"}
     )
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
     feature_cache: str | None = field(
         default=None,
         metadata={
@@ -173,7 +170,7 @@ def measure_pair_accuracy(config: PairAccuracyConfig, progress: bool = True) -> 
     ``against``, also ``"against": {"preference", "accuracy", "n", "mean_margin", "difference", "paired_se"}`` (the
     same pairs, the paired difference of :func:`~paretoalign.objective.paired_accuracy_difference`)."""
     from .data import load_pairs
-    from .model import default_checkpoint, load_model
+    from .model import default_checkpoint
 
     objectives = parse_objectives(config.objectives)
 
@@ -196,7 +193,7 @@ def measure_pair_accuracy(config: PairAccuracyConfig, progress: bool = True) -> 
     settings = scoring_settings(config.checkpoint if config.checkpoint is not None else default_checkpoint())
     chosen = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length, "feature_dtype": config.feature_dtype}
     settings.update({key: value for key, value in chosen.items() if value is not None})
-    model = load_model(config.checkpoint, config.backbone, config.device)
+    model = config.load_model()
     asked = [config.preference, *([config.against] if config.against is not None else [])]
     preferences = [reorder_preference(parse_preference(text, objectives), objectives, model.objectives) for text in asked]
     cache = None if config.no_feature_cache else feature_cache_root(config.feature_cache)

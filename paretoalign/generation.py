@@ -23,7 +23,7 @@ from transformers.generation.logits_process import (
 
 from .backbone import cache_kwargs
 from .heads import GateCache
-from .model import DualHeadModel, check_guidance_top_k, check_no_repeat_ngram_size, position_ids_from_mask
+from .model import DualHeadModel, ModelSettings, check_guidance_top_k, check_no_repeat_ngram_size, position_ids_from_mask
 from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference
 from .static_step import StaticBackbone
 
@@ -198,12 +198,10 @@ class SamplingConfig:
 
 
 @dataclass(kw_only=True)
-class DecodeSettings:
+class DecodeSettings(ModelSettings):
     """The model, method settings and sampling of a decoding run: the options ``paretoalign generate`` and
     ``paretoalign sweep`` share (their names, types, defaults and help come from these fields)."""
 
-    checkpoint: str | None = field(default=None, metadata={"help": "Dual-Head checkpoint directory (default: the shipped one)"})
-    backbone: str | None = field(default=None, metadata={"help": "backbone id or path, when not loading it from a checkpoint"})
     method_checkpoint: str | None = field(
         default=None,
         metadata={
@@ -225,7 +223,6 @@ class DecodeSettings:
     top_k: int = 0
     seed: int = 0
     system_prompt: str | None = None
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
     dtype: str = field(
         default="auto", metadata={"help": "backbone precision: auto (bf16 on a GPU, fp32 on a CPU), float32, bfloat16 or float16"}
     )
@@ -273,8 +270,6 @@ class GenerateConfig(DecodeSettings):
         default="dualhead",
         metadata={"help": "a registered decoding method: dualhead (default), base, or a baseline (genarm, parm, args, dualhead-unconditioned)"},
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "let transformers run the backbone's own code"})
-
     def __post_init__(self):
         from .methods import get_method
 

@@ -554,6 +554,20 @@ def default_checkpoint() -> Path | None:
     return path if (path / CONFIG_NAME).is_file() else None
 
 
+@dataclass(kw_only=True)
+class ModelSettings:
+    """Which Dual-Head model a command loads: the options ``generate``, ``sweep`` and ``arm-accuracy`` share."""
+
+    checkpoint: str | None = field(default=None, metadata={"help": "Dual-Head checkpoint directory (default: the shipped one)"})
+    backbone: str | None = field(default=None, metadata={"help": "backbone id or path, when not loading it from a checkpoint"})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "let transformers run the backbone's own code"})
+
+    def load_model(self, dtype: torch.dtype | str | None = None) -> DualHeadModel:
+        """:func:`load_model` with these settings."""
+        return load_model(self.checkpoint, self.backbone, self.device, dtype, trust_remote_code=self.trust_remote_code)
+
+
 def load_model(
     checkpoint: str | os.PathLike | None = None,
     backbone: str | None = None,

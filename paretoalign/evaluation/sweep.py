@@ -388,10 +388,6 @@ def _score_columns(scorer, objectives: Sequence[str]) -> list[int]:
     return [names.index(name) for name in objectives]
 
 
-def _load_model(config: SweepConfig):
-    from ..model import load_model
-
-    return load_model(config.checkpoint, config.backbone, config.device, config.dtype)
 
 
 def _load_scorer(spec: str | None, device):
@@ -420,7 +416,7 @@ def run_sweep(
         ``{"directory", "written", "skipped", "total"}``: rows written now, rows found done, rows in the sweep.
     """
     prompts = load_prompts(config.prompts, config.limit)
-    model = model if model is not None else _load_model(config)
+    model = model if model is not None else config.load_model(config.dtype)
     scorer_loaded = scorer is None
     scorer = _load_scorer(config.scorer, model.device) if scorer_loaded else scorer
     objectives = list(model.objectives)
