@@ -352,7 +352,7 @@ def _add_steering(subparsers) -> None:
     parser.add_argument("--out", required=True, help="where steering.json and steering.md go")
     parser.add_argument("--no-nll", action="store_true", help="skip the base model's NLL of the answers (no backbone load)")
     parser.add_argument("--samples", type=int, default=0, help="also write samples.md: N random prompts per set answered at both ends")
-    parser.add_argument("--backbone", default=None)
+    parser.add_argument("--backbone", default=None, help="the base model whose NLL of the answers is reported (default: the offline SmolLM2)")
     parser.set_defaults(handler=run_steering_report)
 
 
@@ -385,10 +385,9 @@ def run_steering_report(args: argparse.Namespace) -> int:
 
     model = None
     if not args.no_nll:
-        from .backbone import DEFAULT_BACKBONE, load_backbone
+        from .model import base_model
 
-        backbone, tokenizer = load_backbone(args.backbone or DEFAULT_BACKBONE)
-        model = argparse.Namespace(backbone=backbone.eval(), tokenizer=tokenizer, device=backbone.device)
+        model = base_model(args.backbone)  # the frozen backbone (its untrained heads change nothing): NLL of the answers
     directories = {"harmful": args.harmful, "benign": args.benign}
     summary = write_steering_report(directories, args.out, model)
     if args.samples:

@@ -333,3 +333,25 @@ def test_train_sources_keep_the_cache_and_train_on_one_source(backbone, tokenize
     assert np.array_equal(only.validation["harmlessness"].chosen, plain.validation["harmlessness"].chosen)
     with pytest.raises(ValueError, match="train_sources must map objectives"):
         TrainConfig(**settings, train_sources={"honesty": ["x"]})
+
+
+def test_steering_report_from_the_cli_scores_answers_with_the_named_backbone(backbone, tokenizer, tmp_path, capsys):
+    from paretoalign.cli import main
+    from paretoalign.evaluation.steering import base_nll
+    from paretoalign.model import base_model
+
+    backbone_dir = tmp_path / "tiny-backbone"
+    backbone.save_pretrained(backbone_dir)
+    tokenizer.save_pretrained(backbone_dir)
+    refuse, comply = "I'm sorry, but I can't help with that.", "Sure, here is the answer."
+    _write_sweep(tmp_path / "harmful", {(0.0, 1.0): [refuse, comply], (1.0, 0.0): [comply, comply]})
+    _write_sweep(tmp_path / "benign", {(0.0, 1.0): [comply, comply], (1.0, 0.0): [comply, refuse]})
+    out = tmp_path / "report"
+    args = ["steering-report", "--harmful", str(tmp_path / "harmful"), "--benign", str(tmp_path / "benign"), "--out", str(out)]
+    assert main([*args, "--backbone", str(backbone_dir)]) == 0
+    summary = json.loads((out / "steering.json").read_text())
+    with torch.no_grad():
+        expected = base_nll(base_model(str(backbone_dir)), ["q", "q"], [refuse, comply])
+    reported = summary["sets"]["harmful"]["dualhead"]["(0, 1)"]["base_nll"]
+    assert reported == pytest.approx(float(np.mean(expected)), abs=1e-4) and reported > 0
+    assert "| dualhead |" in capsys.readouterr().out
