@@ -270,6 +270,7 @@ class GenerateConfig(DecodeSettings):
         default="dualhead",
         metadata={"help": "a registered decoding method: dualhead (default), base, or a baseline (genarm, parm, args, dualhead-unconditioned)"},
     )
+
     def __post_init__(self):
         from .methods import get_method
 

@@ -76,9 +76,9 @@ class RunSettings:
     steps: int = field(default=300, metadata={"help": "optimizer steps"})
     batch_pairs: int = field(default=8, metadata={"help": "pairs per objective per step"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
-    weight_decay: float = field(default=0.0)
-    warmup_steps: int = field(default=30)
-    max_grad_norm: float = field(default=1.0)
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=30, metadata={"help": "steps of linear warm-up before the cosine decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradients clipped to this global norm"})
     beta_r: float = field(default=0.1, metadata={"help": "Bradley-Terry scale on R(chosen) - R(rejected)"})
     dirichlet_concentration: float = field(
         default=1.0, metadata={"help": "w ~ Dirichlet(c) where a step draws its preference; 1 is uniform"}

@@ -344,7 +344,10 @@ def prepare_data(config: TrainConfig, model: DualHeadModel, progress: bool = Tru
     drawn = config.pair_sequences(model.tokenizer)
     collator, sequences, indices = drawn.collator, drawn.sequences, drawn.index
     kept: dict[str, np.ndarray] = {}  # train_sources: which drawn training pairs train (all of them are cached)
-    for objective, allowed in config.train_sources.items():
+    for objective in config.objectives:
+        allowed = config.train_sources.get(objective)
+        if not allowed:
+            continue
         chosen_pairs = drawn.pairs["train"][objective]
         kept[objective] = np.array([pair.source in allowed for pair in chosen_pairs], dtype=bool)
         if not kept[objective].any():

@@ -2,6 +2,7 @@
 steering statistics."""
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -338,7 +339,6 @@ def test_train_sources_keep_the_cache_and_train_on_one_source(backbone, tokenize
 def test_steering_report_from_the_cli_scores_answers_with_the_named_backbone(backbone, tokenizer, tmp_path, capsys):
     from paretoalign.cli import main
     from paretoalign.evaluation.steering import base_nll
-    from paretoalign.model import base_model
 
     backbone_dir = tmp_path / "tiny-backbone"
     backbone.save_pretrained(backbone_dir)
@@ -350,8 +350,9 @@ def test_steering_report_from_the_cli_scores_answers_with_the_named_backbone(bac
     args = ["steering-report", "--harmful", str(tmp_path / "harmful"), "--benign", str(tmp_path / "benign"), "--out", str(out)]
     assert main([*args, "--backbone", str(backbone_dir)]) == 0
     summary = json.loads((out / "steering.json").read_text())
+    frozen = types.SimpleNamespace(backbone=backbone.eval(), tokenizer=tokenizer, device=backbone.device)  # the weights saved above
     with torch.no_grad():
-        expected = base_nll(base_model(str(backbone_dir)), ["q", "q"], [refuse, comply])
+        expected = base_nll(frozen, ["q", "q"], [refuse, comply])
     reported = summary["sets"]["harmful"]["dualhead"]["(0, 1)"]["base_nll"]
     assert reported == pytest.approx(float(np.mean(expected)), abs=1e-4) and reported > 0
     assert "| dualhead |" in capsys.readouterr().out

@@ -65,7 +65,9 @@ class ARMTrainConfig(RunSettings):
     adapter: dict = field(
         default_factory=dict, metadata={"help": "LoRASettings (genarm) or PBLoRAConfig (parm) fields; empty: defaults"}
     )
+    seed: int = field(default=0, metadata={"help": "seed of the adapters' initialisation, batches and preferences"})
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW peak learning rate"})
+    dirichlet_concentration: float = field(default=1.0, metadata={"help": "PARM: w ~ Dirichlet(c); 1 is uniform"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between resumable checkpoints"})
 
     def __post_init__(self):

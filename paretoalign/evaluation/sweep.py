@@ -388,8 +388,6 @@ def _score_columns(scorer, objectives: Sequence[str]) -> list[int]:
     return [names.index(name) for name in objectives]
 
 
-
-
 def _load_scorer(spec: str | None, device):
     from ..scorers.rewards import load_scorer
 
@@ -407,7 +405,7 @@ def run_sweep(
     """Run (or resume) the sweep ``config`` describes; rows already in ``results.jsonl`` are skipped.
 
     Args:
-        model: a loaded :class:`~paretoalign.model.DualHeadModel`; default ``load_model(checkpoint, backbone, device)``.
+        model: a loaded :class:`~paretoalign.model.DualHeadModel`; default ``config.load_model(config.dtype)``.
         scorer: a reward scorer (``objectives``, ``score(prompts, responses, batch_size)``, ``describe()``);
             default ``load_scorer(config.scorer)``.
         after_batch: called with each batch's rows once they are on disk.
