@@ -105,7 +105,8 @@ def teacher_forced(model, prompts, preference, answers) -> tuple[int, int]:
             continue
         _, ids, mask, rows, _ = prepare_batch(model, [prompt], preference)
         reply = torch.tensor([answer.token_ids], device=ids.device)
-        out = model(torch.cat([ids, reply], dim=1), torch.cat([mask, torch.ones_like(reply)], dim=1), rows)
+        prompt_mask = torch.cat([mask, torch.zeros_like(reply)], dim=1)  # the head's prompt context: the prompt alone, as decoding
+        out = model(torch.cat([ids, reply], dim=1), torch.cat([mask, torch.ones_like(reply)], dim=1), rows, prompt_mask=prompt_mask)
         span = slice(ids.shape[1] - 1, ids.shape[1] - 1 + reply.shape[1])  # the logits at position t choose token t + 1
         chosen = restrict_to_base_top_k(out.logits[0, span].float(), out.lm_logits[0, span].float(), top_k).argmax(-1)
         same += int((chosen == reply[0]).sum())
@@ -119,8 +120,9 @@ def agreement(models: dict, args) -> dict:
     counts = {"fp32": [0, 0], "bf16": [0, 0]}
     identical = answers = 0
     for preference in PREFERENCES:
-        exact = generate(models["fp32"], PROMPTS, preference, max_new_tokens=args.quality_tokens, temperature=0)
-        rounded = generate(models["bf16"], PROMPTS, preference, max_new_tokens=args.quality_tokens, temperature=0)
+        # the loop guard off: teacher forcing reads the model's own next-token choice, which the guard would overrule
+        exact = generate(models["fp32"], PROMPTS, preference, max_new_tokens=args.quality_tokens, temperature=0, no_repeat_ngram_size=0)
+        rounded = generate(models["bf16"], PROMPTS, preference, max_new_tokens=args.quality_tokens, temperature=0, no_repeat_ngram_size=0)
         identical += sum(a.token_ids == b.token_ids for a, b in zip(exact, rounded))
         answers += len(exact)
         for name, model in models.items():
