@@ -156,19 +156,13 @@ def run_arm_accuracy(args: argparse.Namespace) -> int:
 
 
 def _add_export(subparsers) -> None:
-    parser = subparsers.add_parser("export", help="ship a finished run: weights, log, test accuracy and a model card")
-    parser.add_argument("--run", required=True, help="the training run's output directory")
-    parser.add_argument("--out", required=True, help="checkpoint directory to write, e.g. checkpoints/default")
-    parser.add_argument("--max-pairs", type=int, default=None, help="test pairs per objective (a seeded sample; default: all)")
-    parser.add_argument("--strength", type=float, default=None,
-                        help="the default decoding strength to ship, e.g. the one chosen on validation (default: the run's)")
-    parser.set_defaults(handler=run_export)
+    from .export import ExportConfig
+
+    _add_config_command(subparsers, "export", ExportConfig, run_export, "ship a finished run: weights, log, test accuracy and a model card")
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .export import export_run
-
-    results = export_run(args.run, args.out, max_pairs=args.max_pairs, strength=args.strength)
+    results = _config(args).export(progress=not args.no_progress)
     print(json.dumps(results, indent=2))
     return 0
 
@@ -206,33 +200,19 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 
 def _add_report(subparsers) -> None:
-    parser = subparsers.add_parser("report", help="HV, MIP, speed and a Pareto-front figure from a sweep directory")
-    parser.add_argument(
-        "--results", required=True, nargs="+",
-        help="the sweep directory (written by paretoalign sweep), or several sweeps of the same prompts to compare on one normalisation",
-    )
-    parser.add_argument(
-        "--out", default=None, help="where to write report.md, pareto_front.html/png, summary.json (default: --results; needed with several)"
-    )
-    parser.add_argument(
-        "--labels", nargs="+", default=None,
-        help="one name per --results sweep, telling apart a method met in several, e.g. 'dualhead (shipped)' (default: the folders)",
-    )
-    parser.add_argument("--no-png", action="store_true", help="skip the static PNG export")
-    parser.add_argument(
-        "--bootstrap", type=int, default=1000,
-        help="paired-bootstrap resamples of the prompts for 95%% intervals of HV, MIP and their differences from the first method (0: none)",
+    from .evaluation.report import ReportConfig
+
+    parser = _add_config_command(
+        subparsers, "report", ReportConfig, run_report, "HV, MIP, speed and a Pareto-front figure from a sweep directory", progress=False
     )
     parser.add_argument("--json", action="store_true", help="print {methods: {name: {hv, mip, tokens_per_s, ...}}, ...} as JSON")
-    parser.set_defaults(handler=run_report)
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from .evaluation.report import json_summary, write_report
+    from .evaluation.report import json_summary
 
-    if args.bootstrap < 0:
-        raise ValueError(f"--bootstrap must be 0 (no intervals) or a positive number of resamples, got {args.bootstrap}")
-    summary = write_report(args.results, args.out, png=not args.no_png, bootstrap=args.bootstrap, labels=args.labels)
+    config = _config(args)
+    summary = config.write()
     if args.json:
         print(json.dumps(json_summary(summary), ensure_ascii=False))
         return 0
@@ -240,7 +220,7 @@ def run_report(args: argparse.Namespace) -> int:
         hv, mip = (f"{v:.4f}" if v is not None else "n/a" for v in (method["hv"], method["mip"]))
         print(f"{name}: HV {hv}, MIP {mip}, {method['n_points']} points, {method['n_prompts']} prompts")
     written = [name for name in summary["files"].values() if name]
-    print(f"wrote {', '.join(written)} to {args.out or args.results[0]}")
+    print(f"wrote {', '.join(written)} to {config.out or config.results[0]}")
     return 0
 
 
@@ -340,20 +320,16 @@ def run_train_arm(args: argparse.Namespace) -> int:
 
 
 def _add_steering(subparsers) -> None:
-    parser = subparsers.add_parser("steering-prompts", help="write harmful and benign prompt sets of a split (for two sweeps)")
-    parser.add_argument("--split", default="validation", choices=["train", "validation", "test"])
-    parser.add_argument("--per-set", type=int, default=100, help="distinct prompts per set (a seeded random sample)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="folder for {split}-harmful.jsonl and {split}-benign.jsonl")
-    parser.set_defaults(handler=run_steering_prompts)
-    parser = subparsers.add_parser("steering-report", help="refusals, fluency and selective steering from a harmful and a benign sweep")
-    parser.add_argument("--harmful", required=True, nargs="+", help="sweep directories over harmful prompts")
-    parser.add_argument("--benign", required=True, nargs="+", help="sweep directories over benign prompts")
-    parser.add_argument("--out", required=True, help="where steering.json and steering.md go")
-    parser.add_argument("--no-nll", action="store_true", help="skip the base model's NLL of the answers (no backbone load)")
-    parser.add_argument("--samples", type=int, default=0, help="also write samples.md: N random prompts per set answered at both ends")
-    parser.add_argument("--backbone", default=None, help="the base model whose NLL of the answers is reported (default: the offline SmolLM2)")
-    parser.set_defaults(handler=run_steering_report)
+    from .evaluation.steering import SteeringPromptsConfig, SteeringReportConfig
+
+    _add_config_command(
+        subparsers, "steering-prompts", SteeringPromptsConfig, run_steering_prompts,
+        "write harmful and benign prompt sets of a split (for two sweeps)", progress=False,
+    )
+    _add_config_command(
+        subparsers, "steering-report", SteeringReportConfig, run_steering_report,
+        "refusals, fluency and selective steering from a harmful and a benign sweep", progress=False,
+    )
 
 
 def _add_sample_replies(subparsers) -> None:
@@ -373,30 +349,15 @@ def run_sample_replies(args: argparse.Namespace) -> int:
 
 
 def run_steering_prompts(args: argparse.Namespace) -> int:
-    from .evaluation.steering import write_steering_prompts
-
-    for name, path in write_steering_prompts(args.out, args.split, args.per_set, args.seed).items():
+    for name, path in _config(args).write().items():
         print(f"{name}: {path}")
     return 0
 
 
 def run_steering_report(args: argparse.Namespace) -> int:
-    from .evaluation.steering import markdown_steering, write_steering_report
+    from .evaluation.steering import markdown_steering
 
-    model = None
-    if not args.no_nll:
-        from .model import base_model
-
-        model = base_model(args.backbone)  # the frozen backbone (its untrained heads change nothing): NLL of the answers
-    directories = {"harmful": args.harmful, "benign": args.benign}
-    summary = write_steering_report(directories, args.out, model)
-    if args.samples:
-        from .evaluation.steering import markdown_samples
-        from .files import atomic_write
-
-        text = markdown_samples(directories, args.samples)
-        atomic_write(Path(args.out) / "samples.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    print(markdown_steering(summary))
+    print(markdown_steering(_config(args).write()))
     return 0
 
 

@@ -467,6 +467,21 @@ def _gate_terms(config: dict) -> str:
     return {"lm": lm, "preference": gain, "both": f"{lm} + {gain}"}[objective]
 
 
+@dataclass
+class ExportConfig:
+    """Which run ``paretoalign export`` ships, where, and with which decoding strength (the arguments of :func:`export_run`)."""
+
+    run: str = field(metadata={"help": "the training run's output directory"})
+    out: str = field(metadata={"help": "checkpoint directory to write, e.g. checkpoints/default"})
+    max_pairs: int | None = field(default=None, metadata={"help": "test pairs per objective (a seeded sample; default: all)"})
+    strength: float | None = field(
+        default=None, metadata={"help": "the default decoding strength to ship, e.g. the one chosen on validation (default: the run's)"}
+    )
+
+    def export(self, progress: bool = True) -> dict:
+        return export_run(self.run, self.out, progress=progress, max_pairs=self.max_pairs, strength=self.strength)
+
+
 def export_run(
     run_dir: str | os.PathLike,
     checkpoint_dir: str | os.PathLike,
@@ -479,6 +494,8 @@ def export_run(
     ``strength`` replaces the run's default decoding strength (the one chosen on validation prompts; training does
     not read it), so the shipped config holds what the checkpoint is meant to be decoded with.
     """
+    if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1):
+        raise ValueError(f"max_pairs must be a positive integer, got {max_pairs!r}")
     run_dir, checkpoint_dir = Path(run_dir), Path(checkpoint_dir)
     model_dir = run_dir / "model"
     if not (model_dir / CONFIG_NAME).is_file():

@@ -82,6 +82,27 @@ def test_bad_arguments_exit_with_a_message(capsys, tiny_checkpoint, argv, messag
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["report", "--results", "a", "b"], "out is required when results names several sweeps"),
+        (["report", "--results", "a", "b", "--out", "o", "--labels", "x"], "labels must name each of the 2 sweeps once"),
+        (["report", "--results", "a", "--bootstrap", "-5"], "bootstrap must be 0 (no intervals) or a positive number of resamples, got -5"),
+        (["steering-report", "--harmful", "h", "--benign", "b", "--out", "o", "--samples", "-1"], "samples must be 0 (none)"),
+        (["steering-prompts", "--out", "o", "--split", "dev"], "split must be one of"),
+        (["steering-prompts", "--out", "o", "--per-set", "0"], "per_set must be a positive integer, got 0"),
+        (["export", "--run", "r", "--out", "o", "--max-pairs", "0"], "max_pairs must be a positive integer, got 0"),
+    ],
+)
+def test_small_commands_refuse_bad_arguments_before_reading_or_writing(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_arm_accuracy_json(capsys, tiny_checkpoint, tmp_path):
     from paretoalign.data import DATA_DIR
 

@@ -362,7 +362,7 @@ def test_report_bootstrap_option(tmp_path, capsys):
     write_crafted(tmp_path / "sweep")
     with pytest.raises(SystemExit) as raised:
         main(["report", "--results", str(tmp_path / "sweep"), "--bootstrap", "-1", "--no-png"])
-    assert raised.value.code == 2 and "--bootstrap must be 0 (no intervals) or a positive number of resamples, got -1" in capsys.readouterr().err
+    assert raised.value.code == 2 and "bootstrap must be 0 (no intervals) or a positive number of resamples, got -1" in capsys.readouterr().err
     assert main(["report", "--results", str(tmp_path / "sweep"), "--bootstrap", "0", "--no-png", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["intervals"] is None
     assert "Uncertainty" not in (tmp_path / "sweep" / report.MARKDOWN_NAME).read_text()

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -445,6 +446,30 @@ def load_sweeps(directories: Sequence[str | os.PathLike], labels: Sequence[str] 
     return {**settings, "methods": methods, "grid": grid["grid"], "preferences": grid["preferences"]}, rows, runs
 
 
+@dataclass
+class ReportConfig:
+    """What ``paretoalign report`` summarises and where it writes (the arguments of :func:`write_report`)."""
+
+    results: list[str] = field(
+        metadata={"help": "the sweep directory (written by paretoalign sweep), or several sweeps of the same prompts to compare on one normalisation"}
+    )
+    out: str | None = field(
+        default=None, metadata={"help": "where to write report.md, pareto_front.html/png, summary.json (default: --results; needed with several)"}
+    )
+    labels: list[str] | None = field(
+        default=None,
+        metadata={"help": "one name per --results sweep, telling apart a method met in several, e.g. 'dualhead (shipped)' (default: the folders)"},
+    )
+    png: bool = field(default=True, metadata={"help": "try the static PNG export (--no-png skips it)"})
+    bootstrap: int = field(
+        default=1000,
+        metadata={"help": "paired-bootstrap resamples of the prompts for 95%% intervals of HV, MIP and their differences from the first method (0: none)"},
+    )
+
+    def write(self) -> dict:
+        return write_report(self.results, self.out, png=self.png, bootstrap=self.bootstrap, labels=self.labels)
+
+
 def write_report(
     results: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike | None = None,
@@ -465,6 +490,8 @@ def write_report(
     Returns:
         The summary, with ``files`` naming what was written and ``png_skipped`` the reason a PNG was not.
     """
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        raise ValueError(f"bootstrap must be 0 (no intervals) or a positive number of resamples, got {bootstrap!r}")
     several = not isinstance(results, (str, os.PathLike))
     if several and len(results) > 1 and out is None:
         raise ValueError("out is required when results names several sweeps")

@@ -18,6 +18,7 @@ import os
 import random
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,19 @@ SETS = ("harmful", "benign")
 # Which objective's prompts make each set: harmlessness pairs are red-team (HH harmless-base) and PKU-SafeRLHF
 # prompts, helpfulness pairs are everyday requests.
 SET_OBJECTIVE = {"harmful": "harmlessness", "benign": "helpfulness"}
+
+
+@dataclass
+class SteeringPromptsConfig:
+    """Which held-out prompt sets ``paretoalign steering-prompts`` writes (the arguments of :func:`write_steering_prompts`)."""
+
+    out: str = field(metadata={"help": "folder for {split}-harmful.jsonl and {split}-benign.jsonl"})
+    split: str = field(default="validation", metadata={"help": "train, validation or test"})
+    per_set: int = field(default=100, metadata={"help": "distinct prompts per set (a seeded random sample)"})
+    seed: int = field(default=0, metadata={"help": "the sample's seed"})
+
+    def write(self) -> dict:
+        return write_steering_prompts(self.out, self.split, self.per_set, self.seed)
 
 
 def write_steering_prompts(
@@ -303,6 +317,39 @@ def markdown_steering(summary: dict) -> str:
         cells = ("—", "—") if s is None else (f"{s['estimate']:+.2f}", f"{s['low']:+.2f} to {s['high']:+.2f}")
         lines.append(f"| {method} | {cells[0]} | {cells[1]} | {c.get('harmful', float('nan')):.2f} | {c.get('benign', float('nan')):.2f} |")
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class SteeringReportConfig:
+    """What ``paretoalign steering-report`` reads and writes (the arguments of :func:`write_steering_report` and
+    :func:`markdown_samples`)."""
+
+    harmful: list[str] = field(metadata={"help": "sweep directories over harmful prompts"})
+    benign: list[str] = field(metadata={"help": "sweep directories over benign prompts"})
+    out: str = field(metadata={"help": "where steering.json and steering.md go"})
+    nll: bool = field(default=True, metadata={"help": "the base model's NLL of the answers (--no-nll skips it: no backbone load)"})
+    samples: int = field(default=0, metadata={"help": "also write samples.md: N random prompts per set answered at both ends"})
+    backbone: str | None = field(
+        default=None, metadata={"help": "the base model whose NLL of the answers is reported (default: the offline SmolLM2)"}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
+            raise ValueError(f"samples must be 0 (none) or a positive number of prompts per set, got {self.samples!r}")
+
+    def write(self) -> dict:
+        """Write steering.json, steering.md (and samples.md); returns the summary."""
+        model = None
+        if self.nll:
+            from ..model import base_model
+
+            model = base_model(self.backbone)  # the frozen backbone (its untrained heads change nothing): NLL of the answers
+        directories = {"harmful": self.harmful, "benign": self.benign}
+        summary = write_steering_report(directories, self.out, model)
+        if self.samples:
+            text = markdown_samples(directories, self.samples)
+            atomic_write(Path(self.out) / "samples.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return summary
 
 
 def write_steering_report(directories: dict[str, str | os.PathLike], out: str | os.PathLike, model=None) -> dict:
