@@ -224,6 +224,10 @@ def test_steering_prompts_are_held_out_distinct_and_seeded(tmp_path):
     assert sources <= {"harmless-base", "pku-saferlhf"}
     with pytest.raises(ValueError, match="per_set must be a positive integer"):
         write_steering_prompts(tmp_path, "validation", per_set=0)
+    from paretoalign.cli import main
+
+    assert main(["steering-prompts", "--split", "validation", "--per-set", "30", "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "validation-benign.jsonl").read_text() == paths["benign"].read_text()  # the same sample from the CLI
 
 
 # ---------------------------------------------------------------------------------------------- teachers
