@@ -14,7 +14,7 @@ import numpy as np
 from .batches import add_pair_sequences
 from .data import PreferenceCollator, load_default_pairs, split_pools
 from .features import build_feature_cache, feature_cache_root
-from .files import check_positive_ints, read_json_object, write_json
+from .files import check_positive_int, check_positive_ints, read_json_object, write_json
 from .model import CONFIG_NAME, WEIGHTS_NAME, DualHeadModel, ModelSettings
 from .objective import accuracy_entries, pair_margins, paired_accuracy_difference
 from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference, reorder_preference
@@ -494,8 +494,7 @@ def export_run(
     ``strength`` replaces the run's default decoding strength (the one chosen on validation prompts; training does
     not read it), so the shipped config holds what the checkpoint is meant to be decoded with.
     """
-    if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1):
-        raise ValueError(f"max_pairs must be a positive integer, got {max_pairs!r}")
+    check_positive_int("max_pairs", max_pairs, optional=True)
     run_dir, checkpoint_dir = Path(run_dir), Path(checkpoint_dir)
     model_dir = run_dir / "model"
     if not (model_dir / CONFIG_NAME).is_file():

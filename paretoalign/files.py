@@ -24,15 +24,19 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def check_positive_int(name: str, value, optional: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` when ``value`` is not a positive integer (a bool is not one); ``optional``:
+    ``None`` is allowed too."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def check_positive_ints(settings, names: Sequence[str], optional: bool = False) -> None:
-    """Raise ``ValueError`` naming the first of ``names`` whose value on ``settings`` is not a positive integer (a bool
-    is not one); ``optional``: ``None`` is allowed too."""
+    """:func:`check_positive_int` for each of ``names`` on ``settings``, the first bad one raising."""
     for name in names:
-        value = getattr(settings, name)
-        if optional and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_int(name, getattr(settings, name), optional)
 
 
 def json_text(data, sort_keys: bool = True) -> str:

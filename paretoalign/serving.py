@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from .files import check_positive_int
 from .generation import Generation, stream_generate
 from .methods import build_decoder
 
@@ -65,8 +66,7 @@ class BatchServer:
     """
 
     def __init__(self, model: Callable[[], object], max_rows: int = 16, gather_seconds: float = 0.05):
-        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
-            raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
+        check_positive_int("max_rows", max_rows)
         if not gather_seconds >= 0:
             raise ValueError(f"gather_seconds must be >= 0, got {gather_seconds!r}")
         self.model, self.max_rows, self.gather_seconds = model, max_rows, gather_seconds

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..files import check_positive_int
 from ..generation import BaseDecoder, StepOutput, eos_token_ids
 
 DEFAULT_CANDIDATES = 10
@@ -60,8 +61,7 @@ class ARGSDecoder:
             raise ValueError(f"candidates (ARGS's k) must be a positive integer, got {candidates!r}")
         if not (isinstance(weight, (int, float)) and math.isfinite(weight)):
             raise ValueError(f"weight must be a finite number, got {weight!r}")
-        if isinstance(scorer_batch_size, bool) or not isinstance(scorer_batch_size, int) or scorer_batch_size < 1:
-            raise ValueError(f"scorer_batch_size must be a positive integer, got {scorer_batch_size!r}")
+        check_positive_int("scorer_batch_size", scorer_batch_size)
         names = list(getattr(scorer, "objectives", ()))
         missing = [name for name in objectives if name not in names]
         if missing:

@@ -38,7 +38,7 @@ from ..blocks import (  # noqa: F401  (BoundPBLoRALinear, bind_preference, causa
     decoder_stack,
     run_blocks,
 )
-from ..files import atomic_write, read_json_object, read_safetensors, safetensors_shapes, write_json
+from ..files import atomic_write, check_positive_int, read_json_object, read_safetensors, safetensors_shapes, write_json
 from ..losses import label_logprobs, next_token_targets
 from ..pblora import PBLoRAConfig
 
@@ -98,8 +98,7 @@ class LoRASettings:
     lora_alpha: float = field(default=16.0, metadata={"help": "scaling numerator: s = lora_alpha / r"})
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        check_positive_int("r", self.r)
         if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         self.lora_alpha = float(self.lora_alpha)
@@ -131,8 +130,7 @@ class ARMConfig:
             raise ValueError(f"objectives must be distinct names, got {self.objectives!r}")
         if self.method == "genarm" and len(self.objectives) != 1:
             raise ValueError(f"a GenARM ARM scores one objective, got objectives {self.objectives!r}")
-        if isinstance(self.num_hidden_layers, bool) or not isinstance(self.num_hidden_layers, int) or self.num_hidden_layers < 1:
-            raise ValueError(f"num_hidden_layers must be a positive integer, got {self.num_hidden_layers!r}")
+        check_positive_int("num_hidden_layers", self.num_hidden_layers)
         if isinstance(self.layers, bool) or not isinstance(self.layers, int) or not 1 <= self.layers <= self.num_hidden_layers:
             raise ValueError(
                 f"layers must be an integer in [1, {self.num_hidden_layers}] (the backbone's blocks), got {self.layers!r}"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_write, write_json
+from ..files import atomic_write, check_positive_int, write_json
 from .pareto import front_summary, normalization_bounds
 from .sweep import METHOD_RUNS_NAME, RESULTS_NAME, SETTINGS_NAME, read_results, row_key
 
@@ -140,8 +140,7 @@ def front_intervals(
         each value is ``[low, high]`` (``*_diff``: this method minus ``reference``, the first method with
         intervals; ``None`` for the reference itself or a method left out).
     """
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+    check_positive_int("samples", samples)
     by_cell: dict[tuple, dict[str, list[float]]] = {}
     for row in rows:
         method, preference, prompt = row_key(row)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_write, write_json
+from ..files import atomic_write, check_positive_int, write_json
 from ..refusal import is_refusal
 from .sweep import RESULTS_NAME, append_rows, prompt_id, read_results, row_key
 
@@ -59,8 +59,7 @@ def write_steering_prompts(
 
     if split not in SPLIT_NAMES:
         raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
-    if isinstance(per_set, bool) or not isinstance(per_set, int) or per_set < 1:
-        raise ValueError(f"per_set must be a positive integer, got {per_set!r}")
+    check_positive_int("per_set", per_set)
     splits = split_pools(load_default_pairs())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
