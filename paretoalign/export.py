@@ -365,10 +365,11 @@ def _data_sources(config: dict, pools: dict) -> str:
     return f"Vendored HH-RLHF pairs only (MIT, Anthropic; see `data/README.md`; PKU-SafeRLHF not used): {counts}"
 
 
-def _onpolicy_note(config: dict, run_dir: Path) -> str:
+def _onpolicy_note(config: dict, checkpoint_dir: Path) -> str:
     if not config.get("onpolicy"):
         return ""
-    report = json.loads((run_dir / "teacher_labels.json").read_text()).get("onpolicy", {}) if (run_dir / "teacher_labels.json").is_file() else {}
+    path = checkpoint_dir / "teacher_labels.json"
+    report = json.loads(path.read_text()).get("onpolicy", {}) if path.is_file() else {}
     kept = {name: sum(entry.get(f"kept_{name}", 0) for entry in report.values()) for name in config["objectives"]}
     pairs = sum(entry.get("pairs", 0) for entry in report.values())
     shown = ", ".join(f"{n} for {name}" for name, n in kept.items())
@@ -426,7 +427,7 @@ after dropping identical or empty replies; split 80/10/10 **by prompt**, near-du
 Training used at most {config['max_train_pairs']} train pairs per objective{_own_limits(config)} and {config['max_eval_pairs']} validation
 pairs per objective; prompts ≤ {config['max_prompt_length']} tokens (whole turns dropped from the start), sequences ≤ {config['max_length']}
 tokens.
-{_onpolicy_note(config, run_dir)}
+{_onpolicy_note(config, checkpoint_dir)}
 ## Training
 
 `paretoalign train --config configs/default.json` — {_preference_step(config)}
@@ -506,12 +507,13 @@ def export_run(
     # the lengths and cache precision the heads were trained with (as scoring_settings reads them for arm-accuracy)
     settings = {"max_pairs": max_pairs, "feature_cache": feature_cache_root(config.get("feature_cache")), **_scoring_keys(config)}
     results = held_out_accuracy(model, progress=progress, **settings)
-    conflicts = None
+    conflicts = teacher_report = None
     if config.get("teacher_objectives") or config.get("onpolicy"):  # the run had teachers: refit them from its caches
         from .train import TrainConfig, prepare_data
 
-        teachers = prepare_data(TrainConfig(**config), model, progress=progress).teachers
-        conflicts = held_out_conflicts(model, teachers, progress=progress, **settings)
+        data = prepare_data(TrainConfig(**config), model, progress=progress)
+        teacher_report = data.teacher_report
+        conflicts = held_out_conflicts(model, data.teachers, progress=progress, **settings)
     staging = checkpoint_dir.with_name(f".{checkpoint_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -520,6 +522,8 @@ def export_run(
     for name in ("train_config.json", "training_log.jsonl", "summary.json", "teacher_labels.json"):
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, staging / name)
+    if teacher_report is not None and not (staging / "teacher_labels.json").is_file():  # a run folder that lost it
+        write_json(staging / "teacher_labels.json", teacher_report, sort_keys=False)
     write_json(staging / "test_accuracy.json", results, sort_keys=False)
     if conflicts is not None:
         write_json(staging / "test_conflicts.json", conflicts, sort_keys=False)

@@ -280,6 +280,23 @@ def test_export_ships_weights_log_accuracy_and_card(backbone, tokenizer, small_d
     with pytest.raises(ValueError, match="strength must be >= 0, got -1.0"):
         export_module.export_run(config.output_dir, tmp_path / "checkpoints" / "other", progress=False, strength=-1)
     assert not (tmp_path / "checkpoints" / "other").exists()
+    # A run folder that lost its teachers' report (a checkpoint copied back into a run) gets it from the refit teachers.
+    report = json.loads((shipped / "teacher_labels.json").read_text())
+    assert report == json.loads((Path(config.output_dir) / "teacher_labels.json").read_text())
+    (Path(config.output_dir) / "teacher_labels.json").unlink()
+    export_module.export_run(config.output_dir, tmp_path / "checkpoints" / "again", progress=False)
+    assert json.loads((tmp_path / "checkpoints" / "again" / "teacher_labels.json").read_text()) == report
+
+
+def test_the_card_counts_on_policy_pairs_from_the_checkpoint_it_describes(tmp_path):
+    from paretoalign.export import _onpolicy_note
+
+    config = {"onpolicy": ["data/onpolicy/harmful"], "objectives": ["helpfulness", "harmlessness"]}
+    report = {"onpolicy": {"harmful": {"pairs": 12, "kept_helpfulness": 5, "kept_harmlessness": 7}, "benign": {"pairs": 3, "kept_helpfulness": 2}}}
+    (tmp_path / "teacher_labels.json").write_text(json.dumps(report))
+    assert "15 pairs, kept 7 for helpfulness, 7 for harmlessness" in _onpolicy_note(config, tmp_path)
+    assert "0 pairs, kept 0 for helpfulness" in _onpolicy_note(config, tmp_path / "elsewhere")  # no report: nothing counted
+    assert _onpolicy_note({"objectives": ["helpfulness"]}, tmp_path) == ""  # no on-policy pairs: no paragraph
 
 
 def test_reward_branch_trains_from_a_cache_of_a_lower_block(backbone, tokenizer, small_data, tmp_path):
