@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .features import FeatureCache, layout_problem
-from .files import atomic_directory, json_text, load_array, read_json_object
+from .files import atomic_directory, check_positive_int, json_text, load_array, read_json_object
 
 META_NAME = "candidates.json"
 
@@ -159,8 +159,7 @@ def build_candidate_cache(
     if (prompt_lengths < 1).any() or (prompt_lengths > lengths).any():
         bad = int(np.flatnonzero((prompt_lengths < 1) | (prompt_lengths > lengths))[0])
         raise ValueError(f"prompt_lengths[{bad}] = {prompt_lengths[bad]} is outside [1, {lengths[bad]}] (sequence {bad}'s length)")
-    if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
-        raise ValueError(f"num_candidates must be a positive integer, got {num_candidates!r}")
+    check_positive_int("num_candidates", num_candidates)
     if isinstance(tail_samples, bool) or not isinstance(tail_samples, int) or tail_samples < 0:
         raise ValueError(f"tail_samples must be an integer >= 0, got {tail_samples!r}")
     directory = feature_cache.directory / _boundaries_key(prompt_lengths, num_candidates, tail_samples, seed)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backbone import DEFAULT_BACKBONE, OFFLINE_BACKBONES
+from .files import check_positive_int
 from .generation import Generation, stream_generate
 from .methods import METHODS, build_decoder
 from .model import CONFIG_NAME, DualHeadModel, default_checkpoint, load_model
@@ -310,8 +311,7 @@ def batch_server() -> BatchServer:
 def set_max_batch(rows: int) -> None:
     """How many answers concurrent users may share one decoding batch with (1: one request at a time)."""
     global _server, _max_batch
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise ValueError(f"max batch must be a positive integer, got {rows!r}")
+    check_positive_int("max batch", rows)
     with _lock:
         _max_batch, _server = rows, None
 

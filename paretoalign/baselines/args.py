@@ -57,8 +57,7 @@ class ARGSDecoder:
         weight: float = DEFAULT_WEIGHT,
         scorer_batch_size: int = 64,
     ):
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-            raise ValueError(f"candidates (ARGS's k) must be a positive integer, got {candidates!r}")
+        check_positive_int("candidates (ARGS's k)", candidates)
         if not (isinstance(weight, (int, float)) and math.isfinite(weight)):
             raise ValueError(f"weight must be a finite number, got {weight!r}")
         check_positive_int("scorer_batch_size", scorer_batch_size)
