@@ -284,6 +284,7 @@ class ContextGate(nn.Module):
         preference: torch.Tensor,
         cache: GateCache | None = None,
         last_only: bool = False,
+        logits: bool = False,
     ) -> tuple[torch.Tensor, GateCache | None]:
         """Gate values for the new positions.
 
@@ -293,15 +294,18 @@ class ContextGate(nn.Module):
             preference: ``(B, k)`` one preference per row.
             cache: keys/values of the ``P`` earlier positions, or ``None`` when ``P = 0``.
             last_only: compute alpha for the last new position only (keys/values still cover all of them).
+            logits: return the pre-sigmoid ``W_g · MHA(...) + b_g`` instead of alpha (what a penalty on saturation
+                needs: at a saturated gate alpha is exactly 0 or 1 in float32 and says nothing about how far).
 
         Returns:
-            ``alpha`` of shape ``(B, T)`` (``(B, 1)`` with ``last_only``) and the extended cache.
+            ``alpha`` (or its logits) of shape ``(B, T)`` (``(B, 1)`` with ``last_only``) and the extended cache.
         """
         batch, new = hidden.shape[:2]
         if not self.preference_aware:
             preference = constant_preference(preference)  # (B, 1)
         if self.fixed_alpha is not None:
-            return hidden.new_full((batch, 1 if last_only else new), self.fixed_alpha), None
+            fixed = torch.logit(torch.tensor(self.fixed_alpha)).item() if logits else self.fixed_alpha
+            return hidden.new_full((batch, 1 if last_only else new), fixed), None
         past = cache.length if cache is not None else 0
         if attention_mask.shape != (batch, past + new):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, past + new)}")
@@ -320,5 +324,5 @@ class ContextGate(nn.Module):
         allowed = allowed | (key_positions[None, :] == query_positions[:, None])[None]
         attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed[:, None])  # (B, heads, Tq, hd)
         attended = attended.transpose(1, 2).flatten(2)  # (B, Tq, G)
-        alpha = torch.sigmoid(self.score(self.o_proj(attended, preference))).squeeze(-1)  # (B, Tq)
-        return alpha, GateCache(keys, values)
+        scores = self.score(self.o_proj(attended, preference)).squeeze(-1)  # (B, Tq) pre-sigmoid
+        return (scores if logits else torch.sigmoid(scores)), GateCache(keys, values)

@@ -357,9 +357,11 @@ class DualHeadModel(nn.Module):
         preference: torch.Tensor,
         gate_cache: GateCache | None = None,
         last_only: bool = False,
+        logits: bool = False,
     ) -> tuple[torch.Tensor, GateCache | None]:
-        """alpha_t over final states ``(B, T, d)``: ``(B, T)`` (``last_only``: ``(B, 1)``) and the gate's key/value cache."""
-        return self.context_gate(hidden.float(), attention_mask, preference, gate_cache, last_only)
+        """alpha_t over final states ``(B, T, d)``: ``(B, T)`` (``last_only``: ``(B, 1)``) and the gate's key/value cache;
+        ``logits``: alpha's pre-sigmoid values instead."""
+        return self.context_gate(hidden.float(), attention_mask, preference, gate_cache, last_only, logits)
 
     def reward_logits(
         self,

@@ -29,6 +29,7 @@ class ResponseScores:
     gate: torch.Tensor | None  # (2B, T - 1) alpha_t at the positions that predict tokens 1..T-1
     mask: torch.Tensor  # (2B, T - 1) bool, True where the predicted token is a response token
     lm_logprobs: torch.Tensor | None = None  # (N,) the frozen LM's own log-prob of each response token (a constant)
+    gate_logits: torch.Tensor | None = None  # (2B, T - 1) the gate's pre-sigmoid values, sigmoid(gate_logits) = gate
 
     def chosen_and_rejected(self) -> tuple[torch.Tensor, torch.Tensor]:
         half = self.rewards.shape[0] // 2
@@ -119,11 +120,12 @@ def score_pairs(
         rewards = rewards / mask.sum(dim=1).clamp(min=1).to(rewards.dtype)  # (2B,) per response token
     if not fused:
         return ResponseScores(rewards, None, rows, None, mask)
-    alpha, _ = model.gate(batch.hidden, batch.attention_mask, preference)  # (2B, T)
+    gate_logits, _ = model.gate(batch.hidden, batch.attention_mask, preference, logits=True)  # (2B, T)
+    alpha = torch.sigmoid(gate_logits)  # (2B, T)
     # reward_readout: z_RM - z_LM at the candidates and tail samples (N, C + S), or z_RM over the vocabulary (N, V)
     fusion_reward = reward_readout if reward_grad_from_fusion else reward_readout.detach()
     fused_token_logprobs = fused_logprobs(alpha[rows, cols], fusion_reward)  # (N,)
-    return ResponseScores(rewards, fused_token_logprobs, rows, alpha[:, :-1], mask, lm_token_logprobs.detach())
+    return ResponseScores(rewards, fused_token_logprobs, rows, alpha[:, :-1], mask, lm_token_logprobs.detach(), gate_logits[:, :-1])
 
 
 @torch.no_grad()

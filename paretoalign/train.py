@@ -38,7 +38,7 @@ from .data import PKU_SOURCE
 from .features import build_feature_cache, check_compute_dtype, feature_cache_root
 from .files import atomic_write, read_json_object, read_safetensors, record_run_config, write_json
 from .loop import Recipe, RunSettings, run_loop
-from .losses import arm_preference_loss, gate_entropy_loss, multi_objective_loss
+from .losses import arm_preference_loss, gate_entropy_loss, gate_logit_penalty, multi_objective_loss
 from .model import DualHeadConfig, DualHeadModel
 from .objective import score_pairs
 from .teachers import fit_teachers, label_onpolicy, pair_features, relabel_with_teachers
@@ -78,6 +78,13 @@ class TrainConfig(RunSettings):
     adam_betas: tuple[float, float] = field(default=(0.9, 0.999))
     lambda_r: float = field(default=1.0, metadata={"help": "weight of the preference losses"})
     lambda_g: float = field(default=0.01, metadata={"help": "weight of the gate entropy regulariser"})
+    lambda_z: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of a penalty on the gate's squared pre-sigmoid values (a z-loss): keeps the gate out of "
+            "saturation, where a gate carried to alpha = 0 gets no gradient back (0: off)"
+        },
+    )
     lm_loss_replies: str = field(
         default="all",
         metadata={
@@ -265,7 +272,7 @@ class TrainConfig(RunSettings):
                     f"train_objective {self.train_objective!r} trains at its one-hot preference: it needs preference_sampling "
                     f"'step', got {self.preference_sampling!r}"
                 )
-        for name in ("lambda_r", "lambda_g"):
+        for name in ("lambda_r", "lambda_g", "lambda_z"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.candidate_tokens is not None and (
@@ -461,10 +468,15 @@ def training_loss(model: DualHeadModel, batches: list[PairBatch], preference: to
     else:  # no written chosen reply in this step's batch: no LM loss, and no gradient to the gate from it
         lm = scores.fused_logprobs.sum() * 0.0
     gate = gate_entropy_loss(scores.gate, scores.mask, config.lambda_g)
+    learned_gate = model.config.fixed_gate is None  # a constant alpha has no logits to keep in range
+    if config.lambda_z and learned_gate:
+        gate = gate + gate_logit_penalty(scores.gate_logits, scores.mask, config.lambda_z)
     if gate_losses:
         gate = gate + (torch.stack(gate_losses) * weights.to(lm.device)).sum()
     total = multi_objective_loss(lm, torch.stack(pref_losses), weights.to(lm.device), gate, config.lambda_r)
     stats.update({"loss": total.item(), "lm_loss": lm.item(), "gate_loss": gate.item(), "gate_mean": scores.gate[scores.mask].mean().item()})
+    if learned_gate:
+        stats["gate_logit_rms"] = scores.gate_logits[scores.mask].detach().square().mean().sqrt().item()
     return total, stats
 
 

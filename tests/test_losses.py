@@ -9,6 +9,7 @@ from paretoalign.losses import (
     arm_preference_loss,
     gate_entropy,
     gate_entropy_loss,
+    gate_logit_penalty,
     multi_objective_loss,
     sample_preference,
     label_logprobs,
@@ -254,3 +255,18 @@ def test_reward_reduction_is_validated():
 
     with pytest.raises(ValueError, match="reward_reduction must be one of \\('sum', 'mean'\\), got 'max'"):
         DualHeadConfig(reward_reduction="max")
+
+
+def test_gate_logit_penalty_is_lambda_times_mean_square_and_pulls_a_saturated_gate_back():
+    logits = torch.tensor([[12.0, -4.0, 30.0]], requires_grad=True)  # the third position is masked out
+    mask = torch.tensor([[1, 1, 0]])
+    penalty = gate_logit_penalty(logits, mask, lambda_z=0.01)
+    torch.testing.assert_close(penalty, torch.tensor(0.01 * (144.0 + 16.0) / 2))
+    penalty.backward()
+    # where the sigmoid's slope is ~0 (alpha = sigmoid(12) is 1 in float32) the penalty's gradient is largest
+    torch.testing.assert_close(logits.grad, torch.tensor([[0.01 * 12.0, 0.01 * -4.0, 0.0]]))
+    assert gate_logit_penalty(logits, mask, lambda_z=0.0).item() == 0.0
+    with pytest.raises(ValueError, match="lambda_z must be >= 0, got -0.1"):
+        gate_logit_penalty(logits, mask, lambda_z=-0.1)
+    with pytest.raises(ValueError, match="shape"):
+        gate_logit_penalty(logits, torch.ones(1, 2), lambda_z=0.01)

@@ -112,6 +112,19 @@ def test_left_padding_does_not_change_a_row(make_model, tokenizer):
     torch.testing.assert_close(batched.logits[0, -length:], alone.logits[0], rtol=1e-4, atol=1e-4)
 
 
+def test_gate_logits_are_alphas_pre_sigmoid_values(make_model, tokenizer):
+    input_ids, mask = encode(tokenizer, ["Hello there", "Hi"])
+    model = make_model()
+    hidden = model.backbone_hidden(input_ids, mask)
+    preference = model.preference_batch([0.3, 0.7], 2)
+    alpha, _ = model.gate(hidden, mask, preference)
+    logits, _ = model.gate(hidden, mask, preference, logits=True)
+    torch.testing.assert_close(torch.sigmoid(logits), alpha)
+    fixed = make_model(fixed_gate=0.25)
+    fixed_logits, _ = fixed.gate(hidden, mask, preference, logits=True)
+    torch.testing.assert_close(torch.sigmoid(fixed_logits), torch.full_like(fixed_logits, 0.25))
+
+
 def test_fixed_gate_and_single_head_ablations(make_model, tokenizer):
     input_ids, mask = encode(tokenizer, ["Hello there"])
     fixed = make_model(fixed_gate=0.5)(input_ids, mask, torch.tensor([0.5, 0.5]))

@@ -388,6 +388,32 @@ def test_gate_preference_objective_trains_the_gate_only_and_lowers_its_loss(back
         make_config(small_data, tmp_path, gate_objective="reward")
 
 
+def test_gate_logit_penalty_joins_the_gate_loss_and_keeps_its_logits_in_range(backbone, tokenizer, small_data, tmp_path):
+    config = make_config(small_data, tmp_path, gate_objective="preference", lambda_r=0.0, lambda_g=0.0)
+    penalised = make_config(small_data, tmp_path, gate_objective="preference", lambda_r=0.0, lambda_g=0.0, lambda_z=0.5)
+    model = fresh_model(backbone, tokenizer, config)
+    data = prepare_data(config, model, progress=False)
+    batches = [collate_pairs(data.cache, data.train[name], np.arange(6)) for name in config.objectives]
+    preference = torch.tensor([0.5, 0.5])
+    gate_params = [p for name, p in model.named_parameters() if "context_gate" in name and p.requires_grad]
+    with torch.no_grad():  # a saturated gate: alpha = sigmoid(20) is 1 in float32
+        model.context_gate.score.bias.fill_(20.0)
+        _, plain = training_loss(model, batches, preference, config)
+        _, stats = training_loss(model, batches, preference, penalised)
+    assert plain["gate_logit_rms"] == pytest.approx(stats["gate_logit_rms"]) and stats["gate_logit_rms"] > 15
+    assert stats["gate_loss"] - plain["gate_loss"] == pytest.approx(0.5 * stats["gate_logit_rms"] ** 2, rel=1e-4)
+    optimizer = torch.optim.Adam(gate_params, lr=0.05)  # Adam, as in training: normalised steps
+    for _ in range(5):
+        optimizer.zero_grad()
+        training_loss(model, batches, preference, penalised)[0].backward()
+        optimizer.step()
+    with torch.no_grad():
+        _, after = training_loss(model, batches, preference, penalised)
+    assert after["gate_logit_rms"] < stats["gate_logit_rms"] - 1  # pulled back towards where the sigmoid has a slope
+    with pytest.raises(ValueError, match="lambda_z must be >= 0, got -1"):
+        make_config(small_data, tmp_path, lambda_z=-1)
+
+
 class _FixedTeacher:
     """A teacher whose verdict on every pair is fixed: ``sign`` > 0 agrees with each human label, < 0 contradicts it."""
 
