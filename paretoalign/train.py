@@ -36,8 +36,8 @@ from .batches import (
 from .candidates import build_candidate_cache
 from .data import PKU_SOURCE
 from .features import build_feature_cache, check_compute_dtype, feature_cache_root
-from .files import atomic_write, read_json_object, read_safetensors, record_run_config, write_json
-from .loop import Recipe, RunSettings, run_loop
+from .files import atomic_write, read_json_object, read_results, read_safetensors, record_run_config, write_json
+from .loop import LOG_NAME, Recipe, RunSettings, run_loop
 from .losses import arm_preference_loss, gate_entropy_loss, gate_logit_penalty, multi_objective_loss
 from .model import DualHeadConfig, DualHeadModel
 from .objective import score_pairs
@@ -623,5 +623,23 @@ def train(config: TrainConfig, model: DualHeadModel | None = None, progress: boo
         model.save_pretrained(output / "model")
         final_eval = {key: value for key, value in result.final_eval.items() if key != "val_readout"}
         summary = {**result.summary(config.steps, data.cache.directory, feature_seconds, machine_description(accelerator.device)), **final_eval}
+        gate = closing_gate_mean(output / LOG_NAME)
+        if gate is not None and model.config.fixed_gate is None:
+            summary["closing_gate_mean"] = gate
+            if gate < CLOSED_GATE:
+                logger.warning(
+                    "the gate closed: mean alpha %.2g over the last %d steps, so the heads barely change the answers at any "
+                    "preference; a penalty on its logits keeps it open (lambda_z, e.g. 0.001)", gate, CLOSING_STEPS,
+                )
         write_json(output / "summary.json", summary, sort_keys=False)
     return model.eval()
+
+
+CLOSING_STEPS = 100  # the steps whose mean gate the summary reports
+CLOSED_GATE = 0.01  # below this mean alpha the fused logits are the frozen LM's to within 1 % of the reward head's change
+
+
+def closing_gate_mean(log_path: Path) -> float | None:
+    """The mean of ``gate_mean`` over the last :data:`CLOSING_STEPS` steps of a training log (``None`` without any)."""
+    values = [row["gate_mean"] for row in read_results(log_path) if "gate_mean" in row][-CLOSING_STEPS:]
+    return sum(values) / len(values) if values else None

@@ -49,6 +49,8 @@ def test_training_lowers_the_loss_and_changes_the_heads(backbone, tokenizer, sma
     assert [r["step"] for r in log] == list(range(1, 26))
     assert {"helpfulness/rewards/chosen", "harmlessness/rewards/rejected", "lm_loss", "gate_loss"} <= set(log[0])
     assert "val/helpfulness/accuracy@1,0" in log[-1]
+    summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
+    assert summary["closing_gate_mean"] == pytest.approx(sum(r["gate_mean"] for r in log) / len(log))
     loaded = DualHeadModel.from_pretrained(Path(config.output_dir) / "model", backbone=backbone, tokenizer=tokenizer)
     for name, value in loaded.trainable_state_dict().items():
         assert torch.equal(value, model.trainable_state_dict()[name])
@@ -412,6 +414,24 @@ def test_gate_logit_penalty_joins_the_gate_loss_and_keeps_its_logits_in_range(ba
     assert after["gate_logit_rms"] < stats["gate_logit_rms"] - 1  # pulled back towards where the sigmoid has a slope
     with pytest.raises(ValueError, match="lambda_z must be >= 0, got -1"):
         make_config(small_data, tmp_path, lambda_z=-1)
+
+
+def test_a_run_whose_gate_closed_says_so(backbone, tokenizer, small_data, tmp_path, caplog):
+    from paretoalign.train import closing_gate_mean
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": i, "gate_mean": 1.0 if i <= 50 else 0.0}) + "\n" for i in range(1, 151)))
+    assert closing_gate_mean(log) == pytest.approx(0.0) and closing_gate_mean(tmp_path / "none.jsonl") is None
+    log.write_text("".join(json.dumps({"step": i, "gate_mean": 1.0 if i <= 100 else 0.0}) + "\n" for i in range(1, 151)))
+    assert closing_gate_mean(log) == pytest.approx(0.5)  # the last 100 steps only
+    config = make_config(small_data, tmp_path, steps=3, checkpoint_every=3, eval_every=3, gate_objective="preference")
+    model = fresh_model(backbone, tokenizer, config)
+    with torch.no_grad():  # a gate carried to alpha = 0: sigmoid(-40) underflows, and no gradient reopens it
+        model.context_gate.score.bias.fill_(-40.0)
+    with caplog.at_level("WARNING", logger="paretoalign.train"):
+        train(config, model, progress=False)
+    assert json.loads((Path(config.output_dir) / "summary.json").read_text())["closing_gate_mean"] < 1e-6
+    assert "the gate closed" in caplog.text and "lambda_z" in caplog.text
 
 
 class _FixedTeacher:
