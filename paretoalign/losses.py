@@ -17,6 +17,16 @@ def _check_shapes(**tensors: torch.Tensor) -> None:
         raise ValueError(f"shapes must agree, got {shapes}")
 
 
+def _masked_mean(name: str, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` ``(B, T)`` over the positions where ``mask`` is nonzero (every position when ``None``);
+    ``name`` names ``values`` when the shapes disagree."""
+    if mask is None:
+        mask = torch.ones_like(values)
+    _check_shapes(**{name: values, "mask": mask})
+    mask = mask.to(values.dtype)  # (B, T)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
 def _check_nonnegative(name: str, value: float) -> None:
     if not value >= 0:  # also rejects nan
         raise ValueError(f"{name} must be >= 0, got {value!r}")
@@ -114,13 +124,9 @@ def gate_entropy(alpha: torch.Tensor, mask: torch.Tensor | None = None) -> torch
         alpha: ``(B, T)`` gate values in ``[0, 1]``.
         mask: ``(B, T)``, nonzero where the entropy counts; ``None`` counts every position.
     """
-    if mask is None:
-        mask = torch.ones_like(alpha)
-    _check_shapes(alpha=alpha, mask=mask)
-    mask = mask.to(alpha.dtype)  # (B, T)
     clamped = alpha.clamp(ENTROPY_EPS, 1.0 - ENTROPY_EPS)  # (B, T)
     entropy = -(clamped * clamped.log() + (1.0 - clamped) * (1.0 - clamped).log())  # (B, T)
-    return (entropy * mask).sum() / mask.sum().clamp(min=1.0)
+    return _masked_mean("alpha", entropy, mask)
 
 
 def gate_entropy_loss(alpha: torch.Tensor, mask: torch.Tensor | None = None, lambda_g: float = 0.01) -> torch.Tensor:
@@ -141,11 +147,7 @@ def gate_logit_penalty(logits: torch.Tensor, mask: torch.Tensor | None = None, l
     stable, ST-MoE, arXiv 2202.08906). Arguments as :func:`gate_entropy`, ``logits`` in place of ``alpha``.
     """
     _check_nonnegative("lambda_z", lambda_z)
-    if mask is None:
-        mask = torch.ones_like(logits)
-    _check_shapes(logits=logits, mask=mask)
-    mask = mask.to(logits.dtype)  # (B, T)
-    return lambda_z * (logits.square() * mask).sum() / mask.sum().clamp(min=1.0)
+    return lambda_z * _masked_mean("logits", logits.square(), mask)
 
 
 def multi_objective_loss(
