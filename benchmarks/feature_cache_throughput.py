@@ -24,12 +24,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout without installing the package
     sys.path.insert(0, str(REPO_ROOT))
 
+from paretoalign.batches import add_pair_sequences  # noqa: E402
 from paretoalign.data import PreferenceCollator, load_default_pairs, split_pools  # noqa: E402
 from paretoalign.features import build_feature_cache  # noqa: E402
 from paretoalign.model import load_model  # noqa: E402
 from paretoalign.objective import arm_accuracy  # noqa: E402
 from paretoalign.testing import tiny_backbone  # noqa: E402
-from paretoalign.batches import add_pair_sequences  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 ACCURACY_TOLERANCE = 0.01

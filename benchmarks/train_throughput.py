@@ -23,10 +23,6 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout without in
     sys.path.insert(0, str(REPO_ROOT))
 
 from paretoalign.backbone import DEFAULT_BACKBONE, load_backbone  # noqa: E402
-from paretoalign.candidates import build_candidate_cache  # noqa: E402
-from paretoalign.data import PreferenceCollator, load_default_pairs, split_pairs  # noqa: E402
-from paretoalign.features import build_feature_cache  # noqa: E402
-from paretoalign.model import DualHeadModel  # noqa: E402
 from paretoalign.batches import (  # noqa: E402
     PairBatch,
     add_pair_sequences,
@@ -35,6 +31,10 @@ from paretoalign.batches import (  # noqa: E402
     sequence_prompt_lengths,
     step_preference,
 )
+from paretoalign.candidates import build_candidate_cache  # noqa: E402
+from paretoalign.data import PreferenceCollator, load_default_pairs, split_pairs  # noqa: E402
+from paretoalign.features import build_feature_cache  # noqa: E402
+from paretoalign.model import DualHeadModel  # noqa: E402
 from paretoalign.testing import tiny_backbone  # noqa: E402
 from paretoalign.train import TrainConfig, training_loss  # noqa: E402
 

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .features import FeatureCache, layout_problem
-from .files import atomic_directory, check_positive_int, json_text, load_array, read_json_object
+from .files import atomic_directory, check_positive_int, is_int, json_text, load_array, read_json_object
 
 META_NAME = "candidates.json"
 
@@ -160,7 +160,7 @@ def build_candidate_cache(
         bad = int(np.flatnonzero((prompt_lengths < 1) | (prompt_lengths > lengths))[0])
         raise ValueError(f"prompt_lengths[{bad}] = {prompt_lengths[bad]} is outside [1, {lengths[bad]}] (sequence {bad}'s length)")
     check_positive_int("num_candidates", num_candidates)
-    if isinstance(tail_samples, bool) or not isinstance(tail_samples, int) or tail_samples < 0:
+    if not is_int(tail_samples, 0):
         raise ValueError(f"tail_samples must be an integer >= 0, got {tail_samples!r}")
     directory = feature_cache.directory / _boundaries_key(prompt_lengths, num_candidates, tail_samples, seed)
     if (directory / META_NAME).is_file():

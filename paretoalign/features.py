@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbone import weights_dtype
-from .files import atomic_write, file_lock, load_array, read_json_object
+from .files import atomic_write, file_lock, is_int, load_array, read_json_object
 from .model import DualHeadModel, backbone_forward
 
 logger = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def build_feature_cache(
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("sequences must be a non-empty list of non-empty token id lists")
     blocks = model.backbone.config.num_hidden_layers
-    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < blocks):
+    if layer is not None and (not is_int(layer, 0) or layer >= blocks):
         raise ValueError(f"layer must be an integer in [0, {blocks}) for a {blocks}-block backbone, got {layer!r}")
     extra = {} if layer is None else {"layer": layer}
     compute_dtype = effective_compute_dtype(model, compute_dtype)

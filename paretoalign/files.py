@@ -24,12 +24,17 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def is_int(value, minimum: int) -> bool:
+    """Whether ``value`` is an ``int`` (a bool is not one, though Python says it is) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def check_positive_int(name: str, value, optional: bool = False) -> None:
     """Raise ``ValueError`` naming ``name`` when ``value`` is not a positive integer (a bool is not one); ``optional``:
     ``None`` is allowed too."""
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value, 1):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 

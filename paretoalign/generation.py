@@ -22,6 +22,7 @@ from transformers.generation.logits_process import (
 )
 
 from .backbone import cache_kwargs
+from .files import is_int
 from .heads import GateCache
 from .model import DualHeadModel, ModelSettings, check_guidance_top_k, check_no_repeat_ngram_size, position_ids_from_mask
 from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference
@@ -186,13 +187,13 @@ class SamplingConfig:
     no_repeat_ngram_size: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens, 1):
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_int(self.top_k, 0):
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         check_no_repeat_ngram_size(self.no_repeat_ngram_size)
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import add_attention_pblora, bind_preference, decoder_stack, run_blocks
+from .files import is_int
 from .pblora import PBLoRAConfig, PBLoRALinear
 
 REWARD_HEAD_KINDS = ("pblora", "hidden", "full_rank", "lora")
@@ -185,7 +186,7 @@ class RewardBranch(nn.Module):
         super().__init__()
         stack = decoder_stack(backbone)
         total = len(stack.layers)
-        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= total:
+        if not is_int(layers, 1) or layers > total:
             raise ValueError(f"reward_layers must be an integer in [1, {total}] for a {total}-block backbone, got {layers!r}")
         self.first_layer = total - layers
         self.preference_aware = preference_aware

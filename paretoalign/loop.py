@@ -29,6 +29,7 @@ from .files import (
     append_rows,
     atomic_write,
     check_positive_ints,
+    is_int,
     latest_checkpoint,
     read_optimizer_state,
     write_checkpoint,
@@ -92,16 +93,14 @@ class RunSettings:
         self.objectives = list(self.objectives)
         positive = ("steps", "batch_pairs", "max_length", "max_prompt_length", "checkpoint_every", "eval_every", "max_eval_pairs")
         check_positive_ints(self, positive)
-        if self.max_train_pairs is not None and (
-            isinstance(self.max_train_pairs, bool) or not isinstance(self.max_train_pairs, int) or self.max_train_pairs < 1
-        ):
+        if self.max_train_pairs is not None and not is_int(self.max_train_pairs, 1):
             raise ValueError(f"max_train_pairs must be a positive integer or null, got {self.max_train_pairs!r}")
         for name in ("learning_rate", "beta_r", "dirichlet_concentration", "max_grad_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if not is_int(self.warmup_steps, 0):
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
 
     def train_limit(self, objective: str) -> int | None:

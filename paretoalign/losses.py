@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .files import is_int
+
 ENTROPY_EPS = 1e-6
 
 
@@ -183,7 +185,7 @@ def sample_preference(
     preference, and the global RNG is left as it was. With ``generator=None`` the global RNG is used.
     ``concentration=1`` is uniform over the simplex.
     """
-    if not isinstance(num_objectives, int) or num_objectives < 1:
+    if not is_int(num_objectives, 1):
         raise ValueError(f"num_objectives must be a positive int, got {num_objectives!r}")
     concentration = torch.as_tensor(concentration, dtype=torch.float64)
     if concentration.dim() == 0:

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .blocks import position_ids_from_mask
 from .backbone import DEFAULT_BACKBONE, cache_kwargs, load_backbone, tokenizer_fingerprint, weights_fingerprint
-from .files import atomic_write, json_text, read_json_object, read_safetensors, safetensors_shapes
+from .blocks import position_ids_from_mask
+from .files import atomic_write, is_int, json_text, read_json_object, read_safetensors, safetensors_shapes
 from .heads import REWARD_CONTEXTS, REWARD_HEAD_KINDS, ContextGate, GateCache, RewardBranch, RewardHead, prompt_context
 from .pblora import PBLoRAConfig
 from .preference import DEFAULT_OBJECTIVES, preference_batch
@@ -112,7 +112,7 @@ class DualHeadConfig:
             raise ValueError(f"reward_context must be one of {REWARD_CONTEXTS}, got {self.reward_context!r}")
         if self.reward_context != "none" and self.reward_head != "hidden":
             raise ValueError(f"reward_context {self.reward_context!r} needs reward_head 'hidden', got {self.reward_head!r}")
-        if isinstance(self.reward_layers, bool) or not isinstance(self.reward_layers, int) or self.reward_layers < 0:
+        if not is_int(self.reward_layers, 0):
             raise ValueError(f"reward_layers must be an integer >= 0, got {self.reward_layers!r}")
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
@@ -176,13 +176,13 @@ def fuse_logits(
 
 def check_no_repeat_ngram_size(size) -> int:
     """``size`` if it is 0 (no loop guard) or an n-gram length >= 2, else a ``ValueError`` naming it."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0 or size == 1:
+    if not is_int(size, 0) or size == 1:
         raise ValueError(f"no_repeat_ngram_size must be 0 (off) or an integer >= 2, got {size!r}")
     return size
 
 
 def check_guidance_top_k(top_k) -> int:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    if not is_int(top_k, 0):
         raise ValueError(f"guidance_top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
     return top_k
 

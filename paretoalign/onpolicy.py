@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .data import REPLIES_NAME, read_replies  # noqa: F401 (read_replies: the folders this module writes)
 from .evaluation.sweep import load_prompts, record_settings, row_seed
-from .files import append_rows, check_positive_ints, read_results
+from .files import append_rows, check_positive_ints, is_int, read_results
 
 SETTINGS_NAME = "replies.json"
 FORMAT_VERSION = 1
@@ -81,7 +81,7 @@ class SampleConfig:
         from .backbone import parse_dtype
 
         parse_dtype(self.dtype)
-        if isinstance(self.skip, bool) or not isinstance(self.skip, int) or self.skip < 0:
+        if not is_int(self.skip, 0):
             raise ValueError(f"skip must be a non-negative integer, got {self.skip!r}")
         if self.k < 2:
             raise ValueError(f"k must be at least 2 (pairs need two replies of a prompt), got {self.k!r}")

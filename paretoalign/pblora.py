@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .files import is_int
 from .preference import validate_preference
 
 
@@ -29,9 +30,9 @@ class PBLoRAConfig:
     lora_alpha: float = field(default=8.0, metadata={"help": "scaling numerator: s = lora_alpha / r2"})
 
     def __post_init__(self):
-        if not isinstance(self.r1, int) or self.r1 < 0:
+        if not is_int(self.r1, 0):
             raise ValueError(f"r1 must be an integer >= 0, got {self.r1!r}")
-        if not isinstance(self.r2, int) or self.r2 < 1:
+        if not is_int(self.r2, 1):
             raise ValueError(f"r2 must be an integer >= 1 (the preference needs a block), got {self.r2!r}")
         if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
@@ -64,7 +65,7 @@ class PBLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
-        if not isinstance(num_objectives, int) or num_objectives < 1:
+        if not is_int(num_objectives, 1):
             raise ValueError(f"num_objectives must be a positive integer, got {num_objectives!r}")
         self.config = PBLoRAConfig(r1=r1, r2=r2, lora_alpha=float(lora_alpha))
         self.base_layer = base_layer

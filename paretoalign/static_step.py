@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, StaticCache
 
 from .backbone import cache_kwargs
 from .blocks import position_ids_from_mask
+from .files import is_int
 
 LENGTH_BUCKET = 128  # cache lengths are rounded up to a multiple of this, so prompts of similar length share a compile
 COMPILE_OPTIONS = {"cpp_wrapper": True, "freezing": True}  # inductor: less Python per step, weights folded as constants
@@ -63,7 +64,7 @@ class StaticBackbone:
     """
 
     def __init__(self, backbone: PreTrainedModel, max_new_tokens: int, compile: bool = True):
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not is_int(max_new_tokens, 1):
             raise ValueError(f"a compiled decoder needs max_new_tokens (a positive integer) to size its cache, got {max_new_tokens!r}")
         self.backbone, self.max_new_tokens, self.compile = backbone, max_new_tokens, compile
         self.cache: StaticCache | None = None

@@ -36,7 +36,7 @@ from .batches import (
 from .candidates import build_candidate_cache
 from .data import PKU_SOURCE
 from .features import build_feature_cache, check_compute_dtype, feature_cache_root
-from .files import atomic_write, read_json_object, read_results, read_safetensors, record_run_config, write_json
+from .files import atomic_write, is_int, read_json_object, read_results, read_safetensors, record_run_config, write_json
 from .loop import LOG_NAME, Recipe, RunSettings, run_loop
 from .losses import arm_preference_loss, gate_entropy_loss, gate_logit_penalty, multi_objective_loss
 from .model import DualHeadConfig, DualHeadModel
@@ -215,9 +215,7 @@ class TrainConfig(RunSettings):
             raise ValueError(f"lm_loss_replies must be 'all' or 'written', got {self.lm_loss_replies!r}")
         if self.gate_objective not in GATE_OBJECTIVES:
             raise ValueError(f"gate_objective must be one of {GATE_OBJECTIVES}, got {self.gate_objective!r}")
-        if self.block_cache_layer is not None and (
-            isinstance(self.block_cache_layer, bool) or not isinstance(self.block_cache_layer, int) or self.block_cache_layer < 0
-        ):
+        if self.block_cache_layer is not None and not is_int(self.block_cache_layer, 0):
             raise ValueError(f"block_cache_layer must be an integer >= 0 or null, got {self.block_cache_layer!r}")
         if self.reward_learning_rate is not None and not self.reward_learning_rate > 0:
             raise ValueError(f"reward_learning_rate must be > 0 or null, got {self.reward_learning_rate!r}")
@@ -275,16 +273,14 @@ class TrainConfig(RunSettings):
         for name in ("lambda_r", "lambda_g", "lambda_z"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.candidate_tokens is not None and (
-            isinstance(self.candidate_tokens, bool) or not isinstance(self.candidate_tokens, int) or self.candidate_tokens < 2
-        ):
+        if self.candidate_tokens is not None and not is_int(self.candidate_tokens, 2):
             raise ValueError(f"candidate_tokens must be an integer >= 2 (the label and one other token) or null, got {self.candidate_tokens!r}")
-        if isinstance(self.tail_samples, bool) or not isinstance(self.tail_samples, int) or self.tail_samples < 0:
+        if not is_int(self.tail_samples, 0):
             raise ValueError(f"tail_samples must be an integer >= 0, got {self.tail_samples!r}")
         for objective, limit in self.max_train_pairs_by_objective.items():
             if objective not in self.objectives:
                 raise ValueError(f"max_train_pairs_by_objective names {objective!r}, not one of the objectives {list(self.objectives)}")
-            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            if limit is not None and not is_int(limit, 1):
                 raise ValueError(f"max_train_pairs_by_objective[{objective!r}] must be a positive integer or null, got {limit!r}")
         for objective, share in self.written_pair_share.items():
             if objective not in self.objectives:

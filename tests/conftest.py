@@ -2,6 +2,7 @@
 
 import gzip
 import json
+
 import numpy as np
 import pytest
 import torch

@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train import fresh_model, make_config
 
 from paretoalign.candidates import build_candidate_cache, position_candidates
 from paretoalign.losses import candidate_label_logprobs, label_logprobs
 from paretoalign.objective import score_pairs
 from paretoalign.pblora import PBLoRALinear
 from paretoalign.train import prepare_data, train, training_loss
-
-from test_train import fresh_model, make_config
 
 
 def test_candidate_label_logprobs_by_hand():

@@ -157,6 +157,8 @@ def test_the_loop_guard_keeps_a_row_whose_every_candidate_repeats(make_model):
     "kwargs, message",
     [
         ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),
+        ({"max_new_tokens": True}, "max_new_tokens must be a positive integer, got True"),
+        ({"top_k": False}, "top_k must be an integer >= 0 .* got False"),
         ({"temperature": -1.0}, "temperature must be >= 0 .* got -1.0"),
         ({"top_p": 1.5}, "top_p must be in \\(0, 1\\], got 1.5"),
         ({"no_repeat_ngram_size": 1}, "no_repeat_ngram_size must be 0 \\(off\\) or an integer >= 2, got 1"),

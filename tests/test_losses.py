@@ -10,10 +10,10 @@ from paretoalign.losses import (
     gate_entropy,
     gate_entropy_loss,
     gate_logit_penalty,
-    multi_objective_loss,
-    sample_preference,
     label_logprobs,
+    multi_objective_loss,
     next_token_targets,
+    sample_preference,
 )
 
 LN2, LN3 = math.log(2.0), math.log(3.0)

@@ -114,5 +114,9 @@ def test_config_validation_names_the_value():
         PBLoRAConfig(r1=1, r2=0)
     with pytest.raises(ValueError, match="r1 must be .* got -1"):
         PBLoRAConfig(r1=-1)
+    with pytest.raises(ValueError, match="r2 must be .* got True"):  # a bool is an int to Python, not a rank
+        PBLoRAConfig(r1=1, r2=True)
+    with pytest.raises(ValueError, match="num_objectives must be .* got True"):
+        PBLoRALinear(nn.Linear(2, 2), num_objectives=True)
     with pytest.raises(TypeError, match="nn.Linear"):
         PBLoRALinear(nn.Conv1d(2, 2, 1))

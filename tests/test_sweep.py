@@ -68,6 +68,9 @@ def test_prompt_file_formats(tmp_path):
     text.write_text("first\n\n  second  \nthird\n")
     assert [p.prompt for p in load_prompts(text)] == ["first", "second", "third"]
     assert [p.prompt for p in load_prompts(text, limit=2)] == ["first", "second"]
+    for limit in (0, True, 1.5):
+        with pytest.raises(ValueError, match=f"limit must be a positive integer, got {limit!r}"):
+            load_prompts(text, limit=limit)
 
 
 def test_split_prompts_are_the_deduplicated_test_prompts(monkeypatch):

@@ -38,7 +38,7 @@ from ..blocks import (  # noqa: F401  (BoundPBLoRALinear, bind_preference, causa
     decoder_stack,
     run_blocks,
 )
-from ..files import atomic_write, check_positive_int, read_json_object, read_safetensors, safetensors_shapes, write_json
+from ..files import atomic_write, check_positive_int, is_int, read_json_object, read_safetensors, safetensors_shapes, write_json
 from ..losses import label_logprobs, next_token_targets
 from ..pblora import PBLoRAConfig
 
@@ -131,7 +131,7 @@ class ARMConfig:
         if self.method == "genarm" and len(self.objectives) != 1:
             raise ValueError(f"a GenARM ARM scores one objective, got objectives {self.objectives!r}")
         check_positive_int("num_hidden_layers", self.num_hidden_layers)
-        if isinstance(self.layers, bool) or not isinstance(self.layers, int) or not 1 <= self.layers <= self.num_hidden_layers:
+        if not is_int(self.layers, 1) or self.layers > self.num_hidden_layers:
             raise ValueError(
                 f"layers must be an integer in [1, {self.num_hidden_layers}] (the backbone's blocks), got {self.layers!r}"
             )

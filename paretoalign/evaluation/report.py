@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_write, check_positive_int, write_json
+from ..files import atomic_write, check_positive_int, is_int, write_json
 from .pareto import front_summary, normalization_bounds
 from .sweep import METHOD_RUNS_NAME, RESULTS_NAME, SETTINGS_NAME, read_results, row_key
 
@@ -489,7 +489,7 @@ def write_report(
     Returns:
         The summary, with ``files`` naming what was written and ``png_skipped`` the reason a PNG was not.
     """
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+    if not is_int(bootstrap, 0):
         raise ValueError(f"bootstrap must be 0 (no intervals) or a positive number of resamples, got {bootstrap!r}")
     several = not isinstance(results, (str, os.PathLike))
     if several and len(results) > 1 and out is None:

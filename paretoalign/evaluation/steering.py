@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_write, check_positive_int, write_json
+from ..files import atomic_write, check_positive_int, is_int, write_json
 from ..refusal import is_refusal
 from .sweep import RESULTS_NAME, append_rows, prompt_id, read_results, row_key
 
@@ -333,7 +333,7 @@ class SteeringReportConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
+        if not is_int(self.samples, 0):
             raise ValueError(f"samples must be 0 (none) or a positive number of prompts per set, got {self.samples!r}")
 
     def write(self) -> dict:

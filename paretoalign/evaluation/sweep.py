@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import append_rows, check_positive_ints, read_json_object, read_results, write_json
+from ..files import append_rows, check_positive_ints, is_int, read_json_object, read_results, write_json
 from ..generation import DecodeSettings, check_prompt
 from ..methods import get_method, parse_methods, trainable_parameters
 from ..preference import simplex_grid
@@ -125,7 +125,7 @@ def load_prompts(source: str | os.PathLike, limit: int | None = None) -> list[Sw
             one prompt a line; or ``split:test[:objective]`` for the vendored data's held-out prompts (seed 0).
         limit: keep the first ``limit`` prompts.
     """
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
+    if limit is not None and (not is_int(limit, 1)):
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
     text = str(source)
     if text.startswith(SPLIT_PREFIX):
@@ -158,7 +158,7 @@ def _first_occurrences(raw: list) -> list[SweepPrompt]:
 
 def preference_grid(grid: int, num_objectives: int) -> list[tuple[float, ...]]:
     """``grid`` points per simplex edge: 11 over two objectives gives (0, 1), (0.1, 0.9), ..., (1, 0)."""
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
+    if not is_int(grid, 2):
         raise ValueError(f"grid must be an integer >= 2 (points per preference axis), got {grid!r}")
     return simplex_grid(grid, num_objectives)
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..backbone import quiet_loading
-from ..files import atomic_write, read_json_object, read_safetensors, write_json
+from ..files import atomic_write, is_int, read_json_object, read_safetensors, write_json
 
 DEFAULT_SCORER_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "reward-minilm"
 CONFIG_NAME = "scorer_config.json"
@@ -159,7 +159,7 @@ def _check_inputs(prompts, responses) -> None:
 
 
 def _check_batch_size(batch_size) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size, 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
@@ -194,7 +194,7 @@ class MiniLMScorerConfig:
             raise ValueError(f"objectives must be non-empty and distinct, got {self.objectives!r}")
         if set(self.hidden_sizes) != set(self.objectives):
             raise ValueError(f"hidden_sizes must have one entry per objective {self.objectives}, got {self.hidden_sizes!r}")
-        if any(not isinstance(size, int) or size < 0 for size in self.hidden_sizes.values()):
+        if any(not is_int(size, 0) for size in self.hidden_sizes.values()):
             raise ValueError(f"hidden_sizes must be non-negative ints, got {self.hidden_sizes!r}")
         unknown = [name for name in self.features if name not in FEATURE_BLOCKS]
         if unknown or not self.features:
@@ -510,7 +510,7 @@ class HFRewardScorer:
             raise ValueError(f"signs must map objectives {list(self.objectives)} to 1 or -1, got {signs!r}")
         if "{prompt}" not in template or "{response}" not in template:
             raise ValueError(f"template must contain '{{prompt}}' and '{{response}}', got {template!r}")
-        if not isinstance(max_length, int) or max_length < 1:
+        if not is_int(max_length, 1):
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
         self.models = {name: models[name].eval() for name in self.objectives}
         self.tokenizers = dict(tokenizers)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..data import PKU_SOURCE, SPLIT_NAMES, PreferencePair, load_default_pairs, split_pools
-from ..files import atomic_write, write_json
+from ..files import atomic_write, is_int, write_json
 from ..losses import arm_preference_loss
 from .rewards import (
     DEFAULT_FEATURES,
@@ -69,13 +69,13 @@ class ScorerTrainConfig:
         unknown = [name for name in self.features if name not in FEATURE_BLOCKS]
         if unknown or not self.features:
             raise ValueError(f"features must be a non-empty subset of {FEATURE_BLOCKS}, got {self.features!r}")
-        if not self.hidden_sizes or any(not isinstance(size, int) or size < 0 for size in self.hidden_sizes):
+        if not self.hidden_sizes or any(not is_int(size, 0) for size in self.hidden_sizes):
             raise ValueError(f"hidden_sizes must be non-negative ints, got {self.hidden_sizes!r}")
         if not self.weight_decays or any(not decay >= 0 for decay in self.weight_decays):
             raise ValueError(f"weight_decays must be non-negative, got {self.weight_decays!r}")
         for name in ("epochs", "batch_pairs", "encode_batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not is_int(value, 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
