@@ -61,6 +61,18 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataclass_parser(config_class) -> argparse.ArgumentParser:
+    """``HfArgumentParser`` over ``config_class`` without help, its ``--no_X`` switches (made for fields that default
+    to ``True``) saying what they turn off instead of repeating the field's help."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(config_class, add_help=False)
+    for action in parser._actions:
+        if isinstance(action, argparse._StoreFalseAction) and action.option_strings[0].startswith("--no_"):
+            action.help = f"turn it off ({action.dest} = False)"
+    return parser
+
+
 def _override_options(config_class, names: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
     """A parent parser with one option per plain field of ``config_class`` (names, types and help from the fields),
     or per field in ``names``.
@@ -69,8 +81,6 @@ def _override_options(config_class, names: tuple[str, ...] | None = None) -> arg
     line sets nothing (its default is ``argparse.SUPPRESS``), so only what a user types overrides the file.
     """
     import typing
-
-    from transformers import HfArgumentParser
 
     plain = (str, int, float, bool)
 
@@ -88,7 +98,7 @@ def _override_options(config_class, names: tuple[str, ...] | None = None) -> arg
         for f in dataclasses.fields(config_class)
         if is_plain(hints[f.name]) and (names is None or f.name in names)
     ]
-    parser = HfArgumentParser(dataclasses.make_dataclass(f"{config_class.__name__}Options", options), add_help=False)
+    parser = _dataclass_parser(dataclasses.make_dataclass(f"{config_class.__name__}Options", options))
     for action in parser._actions:
         action.default, action.required = argparse.SUPPRESS, False
     parser.set_defaults(override_names=[name for name, _, _ in options])
@@ -169,9 +179,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def _add_config_command(subparsers, name: str, config_class, handler, help: str, progress: bool = True) -> argparse.ArgumentParser:
     """A subcommand whose options are the fields of a config dataclass (names, types, defaults and help from it)."""
-    from transformers import HfArgumentParser
-
-    parser = subparsers.add_parser(name, parents=[HfArgumentParser(config_class, add_help=False)], help=help)
+    parser = subparsers.add_parser(name, parents=[_dataclass_parser(config_class)], help=help)
     if progress:
         parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=handler, config_class=config_class)

@@ -333,3 +333,11 @@ def test_train_options_come_from_the_config_fields_and_override_only_what_is_typ
     with pytest.raises(SystemExit) as exit_info:  # the default recipe's rules name folders the override drops
         main([*argv, "--onpolicy", "a", "b"])
     assert exit_info.value.code == 2 and "onpolicy_rules[1] prefer and over must be folders of onpolicy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, switch, field", [("report", "--no-png", "png"), ("train", "--no-include-pku", "include_pku")])
+def test_off_switches_say_what_they_turn_off(capsys, command, switch, field):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"{switch} turn it off ({field} = False)" in help_text

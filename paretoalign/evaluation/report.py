@@ -459,7 +459,7 @@ class ReportConfig:
         default=None,
         metadata={"help": "one name per --results sweep, telling apart a method met in several, e.g. 'dualhead (shipped)' (default: the folders)"},
     )
-    png: bool = field(default=True, metadata={"help": "try the static PNG export (--no-png skips it)"})
+    png: bool = field(default=True, metadata={"help": "also write pareto_front.png (a static export, which needs kaleido and a browser; skipped with a note when it fails)"})
     bootstrap: int = field(
         default=1000,
         metadata={"help": "paired-bootstrap resamples of the prompts for 95%% intervals of HV, MIP and their differences from the first method (0: none)"},

@@ -326,7 +326,7 @@ class SteeringReportConfig:
     harmful: list[str] = field(metadata={"help": "sweep directories over harmful prompts"})
     benign: list[str] = field(metadata={"help": "sweep directories over benign prompts"})
     out: str = field(metadata={"help": "where steering.json and steering.md go"})
-    nll: bool = field(default=True, metadata={"help": "the base model's NLL of the answers (--no-nll skips it: no backbone load)"})
+    nll: bool = field(default=True, metadata={"help": "measure the base model's NLL of the answers (loads the backbone)"})
     samples: int = field(default=0, metadata={"help": "also write samples.md: N random prompts per set answered at both ends"})
     backbone: str | None = field(
         default=None, metadata={"help": "the base model whose NLL of the answers is reported (default: the offline SmolLM2)"}
