@@ -19,6 +19,7 @@ from .model import CONFIG_NAME, WEIGHTS_NAME, DualHeadModel, ModelSettings
 from .objective import accuracy_entries, pair_margins, paired_accuracy_difference
 from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference, reorder_preference
 from .teachers import pooled_replies
+from .train import CLOSED_GATE
 
 SPLITS = ("train", "validation", "test")
 
@@ -431,7 +432,7 @@ tokens.
 ## Training
 
 `paretoalign train --config configs/default.json` — {_preference_step(config)}
-{_gate_terms(config)} + {config['lambda_r']} · Σ_i w_i L_pref,i − {config['lambda_g']} · E_t[H(α_t)], with
+{_gate_terms(config)} + {config['lambda_r']} · Σ_i w_i L_pref,i − {config['lambda_g']} · E_t[H(α_t)]{_z_term(config)}, with
 L_pref = −log σ(β_r (R(chosen) − R(rejected))), β_r = {config['beta_r']}.
 AdamW (β = {tuple(config['adam_betas'])}, lr {config['learning_rate']}, weight decay {config['weight_decay']}), cosine decay
 after {config['warmup_steps']} warm-up steps, {config['steps']} steps, gradient clipping at {config['max_grad_norm']}.
@@ -446,7 +447,7 @@ r2={model_config['reward_adapter']['r2']}, alpha={model_config['reward_adapter']
 Validation during training ({config['max_eval_pairs']} pairs per objective):
 
 {_validation_curve(run_dir / 'training_log.jsonl')}
-
+{_closing_gate(summary)}
 The full log is `training_log.jsonl`; the exact configuration is `train_config.json`.
 
 ## Limits
@@ -458,6 +459,20 @@ scorer rewards, fluency) is measured in `docs/steering.md`. Scores from this hea
 reward model.
 """
     return card
+
+
+def _z_term(config: dict) -> str:
+    """The gate's z-loss term of the objective, when the run had one (α_t = σ(z_t))."""
+    return f" + {config['lambda_z']} · E_t[z_t²] (α_t = σ(z_t))" if config.get("lambda_z") else ""
+
+
+def _closing_gate(summary: dict) -> str:
+    """A line on the gate's mean α over the last training steps: how much of the reward head's change decoding uses."""
+    gate = summary.get("closing_gate_mean")
+    if gate is None:
+        return ""
+    shut = " **The gate is shut: decoding gives the frozen LM's answers.**" if gate < CLOSED_GATE else ""
+    return f"\nThe gate's mean α over the last 100 training steps: {gate:.3f}.{shut}\n"
 
 
 def _gate_terms(config: dict) -> str:

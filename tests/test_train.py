@@ -255,7 +255,7 @@ def test_export_ships_weights_log_accuracy_and_card(backbone, tokenizer, small_d
     backbone_dir = tmp_path / "tiny-backbone"
     backbone.save_pretrained(backbone_dir)
     tokenizer.save_pretrained(backbone_dir)
-    config = make_config(small_data, tmp_path, backbone=str(backbone_dir), steps=3, teacher_objectives=["helpfulness"])
+    config = make_config(small_data, tmp_path, backbone=str(backbone_dir), steps=3, teacher_objectives=["helpfulness"], lambda_z=0.002)
     train(config, fresh_model(backbone, tokenizer, config), progress=False)
     real_loader = export_module.load_default_pairs
     monkeypatch.setattr(export_module, "load_default_pairs", lambda: real_loader(data_dir=small_data))
@@ -276,6 +276,10 @@ def test_export_ships_weights_log_accuracy_and_card(backbone, tokenizer, small_d
         assert results["harmlessness"][2]["accuracy"] == pytest.approx(pooled)
     card = (shipped / "README.md").read_text()
     assert "Held-out accuracy" in card and f"{results['helpfulness'][0]['accuracy']:.3f}" in card
+    assert "+ 0.002 · E_t[z_t²]" in card  # the run's gate penalty is in the objective it states
+    closing = json.loads((Path(config.output_dir) / "summary.json").read_text())["closing_gate_mean"]
+    assert f"mean α over the last 100 training steps: {closing:.3f}." in card
+    assert ("The gate is shut" in card) == (closing < 0.01)
     reloaded = DualHeadModel.from_pretrained(shipped)
     assert reloaded.config.backbone == str(backbone_dir)
     assert reloaded.config.strength == 2.5 and "strength 2.5" in card  # the decoding default chosen for shipping
