@@ -76,7 +76,7 @@ def build_demo(
         objectives: what the sliders stand for (default: the model's, see :func:`paretoalign.ui.app_objectives`).
         methods: decoding methods on offer (default: every registered method that builds over the model, which this
             loads if it is not loaded yet).
-        sweep: sweep results for the Pareto plot (default: ``$PARETOALIGN_SWEEP`` or ``results/steering/help1500-1200-s1-test/hv-harmful``).
+        sweep: sweep results for the Pareto plot (default: ``$PARETOALIGN_SWEEP`` or ``results/steering/help1500-1200-z-test/hv-harmful``).
     """
     objectives = list(objectives or ui.app_objectives())
     methods = list(methods or ui.buildable_methods(ui.get_model()))

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP_ENV = "PARETOALIGN_SWEEP"
 # the shipped checkpoint's test sweep on harmful prompts beside the base model and the baselines, one normalisation
-DEFAULT_SWEEP_DIR = ROOT / "results" / "steering" / "help1500-1200-s1-test" / "hv-harmful"
+DEFAULT_SWEEP_DIR = ROOT / "results" / "steering" / "help1500-1200-z-test" / "hv-harmful"
 SUMMARY_NAME = "summary.json"
 MAX_PROMPT_CHARS = 4000
 MAX_PROMPT_TOKENS = 1024
