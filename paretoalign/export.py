@@ -19,7 +19,7 @@ from .model import CONFIG_NAME, WEIGHTS_NAME, DualHeadModel, ModelSettings
 from .objective import accuracy_entries, pair_margins, paired_accuracy_difference
 from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference, reorder_preference
 from .teachers import pooled_replies
-from .train import CLOSED_GATE
+from .train import CLOSED_GATE, CLOSING_STEPS
 
 SPLITS = ("train", "validation", "test")
 
@@ -472,7 +472,7 @@ def _closing_gate(summary: dict) -> str:
     if gate is None:
         return ""
     shut = " **The gate is shut: decoding gives the frozen LM's answers.**" if gate < CLOSED_GATE else ""
-    return f"\nThe gate's mean α over the last 100 training steps: {gate:.3f}.{shut}\n"
+    return f"\nThe gate's mean α over the last {CLOSING_STEPS} training steps: {gate:.3f}.{shut}\n"
 
 
 def _gate_terms(config: dict) -> str:

@@ -22,7 +22,7 @@ from transformers.generation.logits_process import (
 )
 
 from .backbone import cache_kwargs
-from .files import is_int
+from .files import check_positive_int, is_int
 from .heads import GateCache
 from .model import DualHeadModel, ModelSettings, check_guidance_top_k, check_no_repeat_ngram_size, position_ids_from_mask
 from .preference import DEFAULT_OBJECTIVES, parse_objectives, parse_preference
@@ -187,8 +187,7 @@ class SamplingConfig:
     no_repeat_ngram_size: int = 0
 
     def __post_init__(self):
-        if not is_int(self.max_new_tokens, 1):
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        check_positive_int("max_new_tokens", self.max_new_tokens)
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
         if not 0 < self.top_p <= 1:

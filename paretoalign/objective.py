@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .batches import PairBatch, add_pair_sequences, collate_pairs
 from .data import PreferenceCollator, PreferencePair
-from .files import is_int
+from .files import check_positive_int
 from .losses import candidate_label_logprobs, label_logprobs, next_token_targets
 from .model import DualHeadModel, fuse_logits
 
@@ -153,8 +153,7 @@ def pair_margins(
     """
     if not pairs:
         raise ValueError("pairs is empty: nothing to measure")
-    if not is_int(batch_pairs, 1):
-        raise ValueError(f"batch_pairs must be a positive integer, got {batch_pairs!r}")
+    check_positive_int("batch_pairs", batch_pairs)
     collator = PreferenceCollator(model.tokenizer, max_length, max_prompt_length)
     model.eval()
     margins: list[list[float]] = [[] for _ in preferences]

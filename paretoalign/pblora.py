@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .files import is_int
+from .files import check_positive_int, is_int
 from .preference import validate_preference
 
 
@@ -65,8 +65,7 @@ class PBLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
-        if not is_int(num_objectives, 1):
-            raise ValueError(f"num_objectives must be a positive integer, got {num_objectives!r}")
+        check_positive_int("num_objectives", num_objectives)
         self.config = PBLoRAConfig(r1=r1, r2=r2, lora_alpha=float(lora_alpha))
         self.base_layer = base_layer
         if freeze_base:

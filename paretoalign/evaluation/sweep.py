@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import append_rows, check_positive_ints, is_int, read_json_object, read_results, write_json
+from ..files import append_rows, check_positive_int, check_positive_ints, is_int, read_json_object, read_results, write_json
 from ..generation import DecodeSettings, check_prompt
 from ..methods import get_method, parse_methods, trainable_parameters
 from ..preference import simplex_grid
@@ -125,8 +125,7 @@ def load_prompts(source: str | os.PathLike, limit: int | None = None) -> list[Sw
             one prompt a line; or ``split:test[:objective]`` for the vendored data's held-out prompts (seed 0).
         limit: keep the first ``limit`` prompts.
     """
-    if limit is not None and (not is_int(limit, 1)):
-        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    check_positive_int("limit", limit, optional=True)
     text = str(source)
     if text.startswith(SPLIT_PREFIX):
         raw = _split_prompts(text)
